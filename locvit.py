@@ -1,0 +1,806 @@
+"""locvit — how locality makes Vision Transformers better, in one file.
+
+Read it top to bottom: every piece uses only what is above it.
+
+  1. Helpers            tokens <-> images, relative positions, stochastic depth, init
+  2. Stems              patchify (ViT / ViT_P) and the convolutional stem (ViT_C)
+                        -- Xiao et al. 2021, "Early Convolutions Help Transformers See Better"
+  3. Attention          multi-head self-attention (with optional talking heads)
+  4. ConViT             gated positional self-attention (GPSA)
+                        -- d'Ascoli et al. 2021, "ConViT: Improving Vision Transformers with
+                           Soft Convolutional Inductive Biases"
+  5. Feed-forward       the MLP, and LocalViT's locality feed-forward (LFF)
+                        -- Li et al. 2021, "LocalViT: Bringing Locality to Vision Transformers"
+  6. VisionTransformer  one pre-norm block and one model class for DeiT, ConViT, LocalViT,
+                        ViT_P and ViT_C
+  7. Model zoo          create_model(name, **overrides), list_models()
+  8. Checkpoints        load_checkpoint(model, path_or_state_dict): ours, timm, the official
+                        releases; position embeddings resized for another resolution
+  9. Measuring          count_params, count_macs
+
+Shapes: B batch, N tokens, C (= D) width, H heads, d = C/H head width, h x w the patch grid.
+Tokens are always row-major over the grid (token n <-> row n // w, column n % w); a class token,
+when present, sits in front of the patch tokens, so the patch tokens are always x[:, -h*w:].
+"""
+import difflib
+import math
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+# ==================================================================================================
+# 1. Helpers
+# ==================================================================================================
+
+
+def pair(x):
+    """224 -> (224, 224); (224, 160) stays as it is."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+
+def seq2img(x, grid):
+    """Seq2Img: patch tokens (B, h*w, C) -> feature map (B, C, h, w), row-major."""
+    return rearrange(x, 'b (h w) c -> b c h w', h=grid[0], w=grid[1])
+
+
+def img2seq(x):
+    """Img2Seq: feature map (B, C, h, w) -> tokens (B, h*w, C), row-major."""
+    return rearrange(x, 'b c h w -> b (h w) c')
+
+
+def relative_positions(h, w, device=None):
+    """r_ij = [dx, dy, dx^2 + dy^2] for query i and key j on an h x w grid: (h*w, h*w, 3).
+
+    dx = col_j - col_i, dy = row_j - row_i (ConViT's order). Depends on the grid only."""
+    rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
+                                indexing='ij')
+    rows, cols = rows.flatten(), cols.flatten()
+    dx = cols[None, :] - cols[:, None]
+    dy = rows[None, :] - rows[:, None]
+    return torch.stack([dx, dy, dx ** 2 + dy ** 2], dim=-1).float()
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch for a random subset of samples."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+class DropPath(nn.Module):
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self):
+        return f'p={self.p}'
+
+
+def init_deit(module):
+    """DeiT's init: every Linear trunc_normal(.02) with zero bias, LayerNorm (1, 0).
+    Convolutions and BatchNorm keep PyTorch's defaults."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def init_pycls(model):
+    """The init of pycls's ViT (Xiao et al.): lecun-normal patchify, a scaled normal on the conv
+    stem's last 1x1, xavier-uniform attention and MLP weights, a zero head, zero class token."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and name.endswith('patch_embed.proj'):
+            if m.kernel_size == (1, 1):      # the conv stem's final 1x1 projection
+                nn.init.normal_(m.weight, std=math.sqrt(2.0 / m.out_channels))
+            else:                            # the patchify convolution
+                nn.init.trunc_normal_(m.weight, std=math.sqrt(1.0 / (m.in_channels * m.kernel_size[0] * m.kernel_size[1])))
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if name.endswith('attn.qkv'):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif name.endswith('attn.proj'):
+                nn.init.zeros_(m.bias)       # weight: PyTorch's default
+            elif '.mlp.' in name:
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.normal_(m.bias, std=1e-6)
+            elif name == 'head':
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+    nn.init.normal_(model.pos_embed, std=0.02)
+    nn.init.zeros_(model.cls_token)
+
+
+# ==================================================================================================
+# 2. Stems: how an image becomes a grid of tokens
+#    ViT_P cuts the image into P x P patches (one stride-P convolution). ViT_C (Xiao et al.)
+#    replaces it by a few stride-2 3x3 convolutions (BN, ReLU), then a 1x1 convolution to D.
+#    Both end in `proj` and return a (B, D, h, w) map.
+# ==================================================================================================
+
+
+class PatchEmbed(nn.Module):
+    """Patchify stem (ViT_P): a linear map of each non-overlapping P x P patch."""
+
+    def __init__(self, patch_size=16, in_chans=3, embed_dim=768):
+        super().__init__()
+        self.stride = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):                       # (B, 3, H, W) -> (B, D, H/P, W/P)
+        return self.proj(x)
+
+
+class ConvStem(nn.Module):
+    """Convolutional stem (ViT_C): [3x3 conv (stride s) - BN - ReLU] x k, then a 1x1 conv to D."""
+
+    def __init__(self, channels=(24, 48, 96, 192), strides=(2, 2, 2, 2), in_chans=3, embed_dim=192):
+        super().__init__()
+        layers = []
+        for c, s in zip(channels, strides):
+            layers += [nn.Conv2d(in_chans, c, 3, stride=s, padding=1, bias=False),
+                       nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            in_chans = c
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=1)
+        self.stride = math.prod(strides)
+
+    def forward(self, x):                       # (B, 3, H, W) -> (B, D, H/S, W/S)
+        return self.proj(self.convs(x))
+
+
+def stem_strides_for(strides, total):
+    """The conv stem's strides for a given total stride: the last stride-2 convolutions become
+    stride 1 (e.g. (2, 2, 2, 2) -> (2, 2, 1, 1) for total 4). Parameters do not change."""
+    strides = list(strides)
+    for i in reversed(range(len(strides))):
+        if math.prod(strides) <= total:
+            break
+        if strides[i] == 2:
+            strides[i] = 1
+    if math.prod(strides) != total:
+        raise ValueError(f'a conv stem with strides {tuple(strides)} cannot have total stride '
+                         f'{total}; use a power of two up to {math.prod(strides)}')
+    return tuple(strides)
+
+
+# ==================================================================================================
+# 3. Attention: softmax(q k^T / sqrt(d)) v per head, on F.scaled_dot_product_attention
+#    (fused kernels, no B x H x N x N tensor). Talking heads (Shazeer et al.; used by the
+#    over-smoothing work) mixes the heads' logits before the softmax and the weights after it,
+#    which needs the explicit form.
+# ==================================================================================================
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (MHSA)."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, talking_heads=False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'embed_dim {dim} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.talking_heads = talking_heads
+        if talking_heads:
+            self.proj_l = nn.Linear(num_heads, num_heads)   # mixes the logits of the heads
+            self.proj_w = nn.Linear(num_heads, num_heads)   # mixes the attention weights
+
+    def qkv_heads(self, x):
+        return rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads)
+
+    def weights(self, q, k):
+        """softmax(q k^T / sqrt(d)) (B, H, N, N), explicitly; talking heads mix the heads' logits
+        before the softmax and their weights after it."""
+        logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        if not self.talking_heads:
+            return logits.softmax(dim=-1)
+        mix = lambda lin, t: rearrange(lin(rearrange(t, 'b h i j -> b i j h')), 'b i j h -> b h i j')
+        return mix(self.proj_w, mix(self.proj_l, logits).softmax(dim=-1))
+
+    def attention_map(self, x, grid=None):
+        """The attention weights (B, H, N, N) for the input x (for analysis)."""
+        q, k, _ = self.qkv_heads(x)
+        return self.weights(q, k)
+
+    def forward(self, x, grid=None):            # (B, N, C) -> (B, N, C)
+        q, k, v = self.qkv_heads(x)
+        p = self.attn_drop if self.training else 0.0
+        if self.talking_heads:
+            out = F.dropout(self.weights(q, k), p) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        return self.proj(rearrange(out, 'b h n d -> b n (h d)'))
+
+
+# ==================================================================================================
+# 4. ConViT: gated positional self-attention (GPSA)
+#    Each head mixes a content map and a positional map, AFTER both softmaxes:
+#        A_h = (1 - g_h) softmax(q k^T / sqrt(d)) + g_h softmax(pos_proj(r_ij)),  g_h = sigmoid(λ_h)
+#    r_ij = [dx, dy, dx^2 + dy^2]. The convolutional init makes head h attend to the patch at
+#    offset Δ_h, like one tap of a sqrt(H) x sqrt(H) convolution; the gate λ_h (1 at init,
+#    σ ≈ 0.73) lets training decide how much each head stays local.
+#    The positional map does not depend on the input: it is computed once per forward as
+#    (H, N, N) and shared by the batch, and the content part runs on SDPA:
+#        out_h = (1 - g_h) SDPA(q, k, v)_h + g_h (P_h @ v_h)
+# ==================================================================================================
+
+
+class GPSA(nn.Module):
+    """Gated positional self-attention. Input: patch tokens only (B, h*w, C)."""
+
+    def __init__(self, dim, num_heads=9, qkv_bias=False, attn_drop=0.0, locality_strength=1.0,
+                 local_init=True, grid=(14, 14)):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'embed_dim {dim} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.locality_strength = locality_strength
+        self.local_init = local_init
+        self.qk = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.pos_proj = nn.Linear(3, num_heads)
+        self.gating_param = nn.Parameter(torch.ones(num_heads))
+        self.grid = tuple(grid)
+        self.register_buffer('rel_indices', relative_positions(*self.grid), persistent=False)
+        self.fast = True                        # SDPA + shared positional map (see forward)
+
+    def init_local(self):
+        """The convolutional init (applied after the generic one): v = identity, and head
+        h = h1 + k*h2 scores key j by -α ||δ_ij - Δ_h||^2 + const with Δ_h = (h2 - c, h1 - c)."""
+        with torch.no_grad():
+            self.v.weight.copy_(torch.eye(self.v.weight.shape[0]))
+            k = int(self.num_heads ** 0.5)
+            c = (k - 1) / 2
+            for h1 in range(k):
+                for h2 in range(k):
+                    self.pos_proj.weight[h1 + k * h2] = torch.tensor([2 * (h2 - c), 2 * (h1 - c), -1.0])
+            self.pos_proj.weight.mul_(self.locality_strength)
+            self.pos_proj.bias.zero_()
+
+    def positional_attention(self, grid):
+        """softmax_j(pos_proj(r_ij)) for every head: (H, N, N), the same for every image."""
+        if tuple(grid) != self.grid:            # a new resolution: rebuild the positions
+            self.grid = tuple(grid)
+            self.rel_indices = relative_positions(*grid, device=self.rel_indices.device)
+        scores = self.pos_proj(self.rel_indices.to(self.pos_proj.weight.dtype))    # (N, N, H)
+        pos = rearrange(scores, 'i j h -> h i j').contiguous().softmax(dim=-1)
+        # far keys get weights below float's normal range; such subnormals make CPU matmuls
+        # ~10x slower and change nothing measurable, so flush them to zero
+        return pos.masked_fill(pos < torch.finfo(pos.dtype).tiny, 0.0)
+
+    def gates(self):
+        return rearrange(self.gating_param.sigmoid(), 'h -> h 1 1')
+
+    def qkv_heads(self, x):
+        q, k = rearrange(self.qk(x), 'b n (two h d) -> two b h n d', two=2, h=self.num_heads)
+        return q, k, rearrange(self.v(x), 'b n (h d) -> b h n d', h=self.num_heads)
+
+    def weights(self, q, k, grid):
+        """The mixed attention A (B, H, N, N), explicitly: the paper's equation."""
+        content = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        g = self.gates()
+        return (1 - g) * content + g * self.positional_attention(grid)
+
+    def attention_map(self, x, grid):
+        q, k, _ = self.qkv_heads(x)
+        return self.weights(q, k, grid)
+
+    def forward(self, x, grid):                 # (B, h*w, C) -> (B, h*w, C)
+        q, k, v = self.qkv_heads(x)
+        p = self.attn_drop if self.training else 0.0
+        if self.fast and p == 0.0:
+            pos = self.positional_attention(grid)                          # (H, N, N), once
+            pos_out = pos @ rearrange(v, 'b h n d -> h n (b d)')           # one matmul per head
+            pos_out = rearrange(pos_out, 'h n (b d) -> b h n d', b=x.shape[0])
+            g = self.gates()
+            out = (1 - g) * F.scaled_dot_product_attention(q, k, v) + g * pos_out
+        else:
+            out = F.dropout(self.weights(q, k, grid), p) @ v
+        return self.proj(rearrange(out, 'b h n d -> b n (h d)'))
+
+
+# ==================================================================================================
+# 5. Feed-forward networks
+#    The transformer's MLP treats every token on its own. LocalViT's locality feed-forward puts a
+#    depthwise 3x3 convolution between its two 1x1 ("linear") layers, so each token also sees its
+#    8 neighbours on the patch grid (an inverted residual block, as in MobileNetV2):
+#      tokens -> Seq2Img -> 1x1 (C -> γC) - BN - act -> depthwise 3x3 - BN - act -> [SE | ECA]
+#             -> 1x1 (γC -> C) - BN -> + input -> Img2Seq
+#    A class token has no place on the grid: it bypasses the module unchanged.
+# ==================================================================================================
+
+ACTIVATIONS = {'gelu': nn.GELU, 'hswish': nn.Hardswish, 'relu6': nn.ReLU6, 'relu': nn.ReLU}
+
+
+def make_act(name):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class Mlp(nn.Module):
+    """fc1 (C -> hidden) - act - fc2 (hidden -> C), applied to each token on its own."""
+
+    def __init__(self, dim, hidden_dim, act='gelu'):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = make_act(act)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SqueezeExcite(nn.Module):
+    """SE with LocalViT's h-sigmoid gate: pool -> fc1 -> ReLU -> fc2 -> h-sigmoid -> scale."""
+
+    def __init__(self, channels, reduction=4):
+        super().__init__()
+        self.fc1 = nn.Linear(channels, channels // reduction)
+        self.fc2 = nn.Linear(channels // reduction, channels)
+
+    def forward(self, x):                       # (B, C, h, w)
+        s = F.hardsigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3))))))
+        return x * rearrange(s, 'b c -> b c 1 1')
+
+
+class ECA(nn.Module):
+    """Efficient channel attention: a 1D convolution across the pooled channels, sigmoid, scale."""
+
+    def __init__(self, channels):
+        super().__init__()
+        t = int(abs((math.log2(channels) + 1) / 2))
+        k = t if t % 2 else t + 1
+        self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
+
+    def forward(self, x):                       # (B, C, h, w)
+        s = self.conv(rearrange(x.mean(dim=(2, 3)), 'b c -> b 1 c')).sigmoid()
+        return x * rearrange(s, 'b 1 c -> b c 1 1')
+
+
+class LocalityFeedForward(nn.Module):
+    """LocalViT's locality feed-forward. The residual lives inside; there is no norm before it.
+
+    forward(x, grid): x is (B, n_prefix + h*w, C); the n_prefix leading tokens (a class token)
+    pass unchanged. forward_map(y): the same on a (B, C, h, w) map."""
+
+    def __init__(self, dim, expand_ratio=4.0, act='hswish', channel_attn='se', reduction=4):
+        super().__init__()
+        hidden = int(dim * expand_ratio)
+        self.conv1 = nn.Conv2d(dim, hidden, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        if channel_attn == 'se':
+            self.se = SqueezeExcite(hidden, reduction)
+        elif channel_attn == 'eca':
+            self.se = ECA(hidden)
+        elif channel_attn in (None, 'none'):
+            self.se = nn.Identity()
+        else:
+            raise ValueError(f"unknown channel_attn {channel_attn!r}; choose 'se', 'eca' or None")
+        self.conv2 = nn.Conv2d(hidden, dim, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(dim)
+        self.act = make_act(act)
+
+    def forward_map(self, y):                   # (B, C, h, w) -> (B, C, h, w)
+        z = self.act(self.bn1(self.conv1(y)))
+        z = self.se(self.act(self.bn2(self.dwconv(z))))
+        return y + self.bn3(self.conv2(z))
+
+    def forward(self, x, grid):                 # (B, n_prefix + h*w, C) -> same
+        n_prefix = x.shape[1] - grid[0] * grid[1]
+        prefix, patches = x[:, :n_prefix], x[:, n_prefix:]
+        patches = img2seq(self.forward_map(seq2img(patches, grid)))
+        return torch.cat([prefix, patches], dim=1) if n_prefix else patches
+
+
+# ==================================================================================================
+# 6. The pre-norm block and the VisionTransformer
+#    x = x + drop_path(attn(norm1(x)));  x = x + drop_path(mlp(norm2(x)))        (DeiT, ConViT)
+#    x = x + drop_path(attn(norm1(x)));  x = lff(x)                               (LocalViT)
+#    ConViT: GPSA in blocks 0..L-1 (L = local_up_to_layer), which see patch tokens only; the
+#    class token joins just before block L. pos_embed covers the tokens present at block 0.
+# ==================================================================================================
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, attn='mhsa',
+                 ffn='mlp', act='gelu', channel_attn='se', reduction=4, locality_strength=1.0,
+                 local_init=True, talking_heads=False, grid=(14, 14), norm_eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        if attn == 'gpsa':
+            self.attn = GPSA(dim, num_heads, qkv_bias, locality_strength=locality_strength,
+                             local_init=local_init, grid=grid)
+        else:
+            self.attn = Attention(dim, num_heads, qkv_bias, talking_heads=talking_heads)
+        self.drop_path = DropPath(drop_path)
+        if ffn == 'lff':
+            self.lff = LocalityFeedForward(dim, mlp_ratio, act, channel_attn, reduction)
+        else:
+            self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+            self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
+
+    def forward(self, x, grid):
+        x = x + self.drop_path(self.attn(self.norm1(x), grid))
+        if hasattr(self, 'lff'):
+            return self.lff(x, grid)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    """DeiT / ViT_P, ViT_C (stem_channels), ConViT (local_up_to_layer > 0), LocalViT (ffn='lff')."""
+
+    def __init__(self, img_size=224, patch_size=None, in_chans=3, num_classes=1000, embed_dim=192,
+                 depth=12, num_heads=3, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0,
+                 stem_channels=(), stem_strides=(), local_up_to_layer=0, locality_strength=1.0,
+                 local_init=True, ffn='mlp', act=None, channel_attn='se', reduction=4,
+                 talking_heads=False, init='deit'):
+        super().__init__()
+        self.img_size, self.in_chans = pair(img_size), in_chans
+        if stem_channels:                       # ViT_C
+            strides = stem_strides_for(stem_strides, patch_size) if patch_size else tuple(stem_strides)
+            self.patch_embed = ConvStem(stem_channels, strides, in_chans, embed_dim)
+        else:                                   # ViT_P
+            self.patch_embed = PatchEmbed(patch_size or 16, in_chans, embed_dim)
+        self.patch_size = self.patch_embed.stride
+        bad = [s for s in self.img_size if s % self.patch_size]
+        if bad:
+            raise ValueError(f'img_size {self.img_size} is not divisible by the stem stride '
+                             f'{self.patch_size}; use a multiple of {self.patch_size}')
+        self.grid = (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+        num_patches = self.grid[0] * self.grid[1]
+        if not 0 <= local_up_to_layer <= depth:
+            raise ValueError(f'local_up_to_layer {local_up_to_layer} must lie in [0, depth={depth}]')
+        self.cls_at = local_up_to_layer           # the block before which the class token joins
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + (self.cls_at == 0), embed_dim))
+        act = act or ('hswish' if ffn == 'lff' else 'gelu')
+        dpr = torch.linspace(0, drop_path, depth).tolist()
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i],
+                  attn='gpsa' if i < local_up_to_layer else 'mhsa', ffn=ffn, act=act,
+                  channel_attn=channel_attn, reduction=reduction,
+                  locality_strength=locality_strength, local_init=local_init,
+                  talking_heads=talking_heads, grid=self.grid)
+            for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.num_classes = num_classes
+        # init: DeiT's (trunc_normal .02), or pycls's for ViT_P / ViT_C; then ConViT's local init
+        if init == 'pycls':
+            init_pycls(self)
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            self.apply(init_deit)
+        for m in self.modules():
+            if isinstance(m, GPSA) and m.local_init:
+                m.init_local()
+
+    def check_input(self, x):
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f'expected images (B, {self.in_chans}, H, W), got {tuple(x.shape)}; '
+                             f'build the model with in_chans={x.shape[1] if x.ndim == 4 else "?"}')
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f'the model was built for {self.img_size[0]}x{self.img_size[1]} images, '
+                             f'got {x.shape[-2]}x{x.shape[-1]}; resize the input, or build the model '
+                             f'with img_size={tuple(x.shape[-2:])} and load the checkpoint into it '
+                             f'(position embeddings are resized)')
+
+    def embed(self, x):
+        """Image -> tokens (B, N0, C) at block 0, plus the patch grid."""
+        self.check_input(x)
+        x = img2seq(self.patch_embed(x))
+        if self.cls_at == 0:                    # DeiT: class token first, then the embedding
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.pos_embed, self.grid
+
+    def forward_features(self, x, return_layers=False):
+        """Tokens after the final norm (B, 1 + h*w, C), class token first. With return_layers,
+        also the list [embedding, block 1 output, ..., block L output] (before the final norm);
+        ConViT's first layers hold patch tokens only (the class token joins later)."""
+        x, grid = self.embed(x)
+        layers = [x]
+        for i, block in enumerate(self.blocks):
+            if i == self.cls_at and i > 0:      # ConViT: the class token joins here
+                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            x = block(x, grid)
+            layers.append(x)
+        if self.cls_at == len(self.blocks) and self.cls_at > 0:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.norm(x)
+        return (x, layers) if return_layers else x
+
+    def forward_head(self, x):
+        return self.head(x[:, 0])
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+# ==================================================================================================
+# 7. Model zoo: names -> configurations (the papers' published models)
+# ==================================================================================================
+
+def _vit(**cfg):
+    return (VisionTransformer, cfg)
+
+
+_CONVIT = dict(local_up_to_layer=10, qkv_bias=False)
+_LOCALVIT = dict(ffn='lff', act='hswish', channel_attn='se')
+_PYCLS = dict(init='pycls')
+_STEM_18GF = dict(stem_channels=(64, 128, 128, 256, 256, 512), stem_strides=(2, 2, 1, 2, 1, 2))
+
+MODELS = {
+    # DeiT (Touvron et al. 2021); S24/B24 are the deeper models of the over-smoothing paper
+    'deit_t': _vit(embed_dim=192, depth=12, num_heads=3),
+    'deit_s': _vit(embed_dim=384, depth=12, num_heads=6),
+    'deit_b': _vit(embed_dim=768, depth=12, num_heads=12),
+    'deit_s24': _vit(embed_dim=384, depth=24, num_heads=6),
+    'deit_b24': _vit(embed_dim=768, depth=24, num_heads=12),
+    'deit_t_mlp6': _vit(embed_dim=192, depth=12, num_heads=3, mlp_ratio=6),  # LocalViT Table 1
+    # ConViT (d'Ascoli et al. 2021): 10 GPSA blocks then 2 MHSA; "+" = 64 channels per head
+    'convit_t': _vit(embed_dim=192, depth=12, num_heads=4, **_CONVIT),
+    'convit_t_plus': _vit(embed_dim=256, depth=12, num_heads=4, **_CONVIT),
+    'convit_s': _vit(embed_dim=432, depth=12, num_heads=9, **_CONVIT),
+    'convit_s_plus': _vit(embed_dim=576, depth=12, num_heads=9, **_CONVIT),
+    'convit_b': _vit(embed_dim=768, depth=12, num_heads=16, **_CONVIT),
+    'convit_b_plus': _vit(embed_dim=1024, depth=12, num_heads=16, **_CONVIT),
+    # LocalViT (Li et al. 2021): SE reduction divides the expanded width (768 / 192 = 4 channels)
+    'localvit_t': _vit(embed_dim=192, depth=12, num_heads=4, reduction=192, **_LOCALVIT),
+    'localvit_t_se4': _vit(embed_dim=192, depth=12, num_heads=4, reduction=4, **_LOCALVIT),
+    'localvit_s': _vit(embed_dim=384, depth=12, num_heads=8, reduction=384, **_LOCALVIT),
+    'localvit_t_relu6': _vit(embed_dim=192, depth=12, num_heads=4, mlp_ratio=6, ffn='lff',
+                             act='relu6', channel_attn=None),
+    # Early convolutions (Xiao et al. 2021): ViT_C drops one block to match ViT_P's FLOPs
+    'vit_p_1gf': _vit(embed_dim=192, depth=12, num_heads=3, mlp_ratio=3, **_PYCLS),
+    'vit_c_1gf': _vit(embed_dim=192, depth=11, num_heads=3, mlp_ratio=3, **_PYCLS,
+                      stem_channels=(24, 48, 96, 192), stem_strides=(2, 2, 2, 2)),
+    'vit_p_4gf': _vit(embed_dim=384, depth=12, num_heads=6, mlp_ratio=3, **_PYCLS),
+    'vit_c_4gf': _vit(embed_dim=384, depth=11, num_heads=6, mlp_ratio=3, **_PYCLS,
+                      stem_channels=(48, 96, 192, 384), stem_strides=(2, 2, 2, 2)),
+    'vit_p_18gf': _vit(embed_dim=768, depth=12, num_heads=12, **_PYCLS),
+    'vit_c_18gf': _vit(embed_dim=768, depth=11, num_heads=12, **_PYCLS, **_STEM_18GF),
+    'vit_p_36gf': _vit(embed_dim=1024, depth=14, num_heads=16, **_PYCLS),
+    'vit_c_36gf': _vit(embed_dim=1024, depth=13, num_heads=16, **_PYCLS, **_STEM_18GF),
+}
+
+
+def list_models():
+    return sorted(MODELS)
+
+
+def create_model(name, **overrides):
+    """Build a zoo model; overrides (img_size, patch_size, num_classes, embed_dim, depth,
+    num_heads, drop_path, ...) replace the published configuration. `patch_size` on a conv-stem
+    model sets its total stride (its last stride-2 convolutions become stride 1)."""
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, MODELS, n=4, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ''
+        raise ValueError(f'unknown model {name!r}{hint} (list_models() gives all {len(MODELS)})')
+    cls, cfg = MODELS[name]
+    allowed = [p for p in cls.__init__.__code__.co_varnames[1:cls.__init__.__code__.co_argcount]]
+    unknown = [k for k in overrides if k not in allowed]
+    if unknown:
+        raise ValueError(f'{name} has no option {", ".join(map(repr, unknown))}; '
+                         f'options: {", ".join(allowed)}')
+    cfg = {**cfg, **{k: v for k, v in overrides.items() if v is not None}}
+    model = cls(**cfg)
+    model.arch, model.config = name, cfg
+    return model
+
+
+# ==================================================================================================
+# 8. Checkpoints: ours, timm's (DeiT, ConViT: the same key names as ours), the official LocalViT
+#    release ('conv.conv.<i>' for the locality feed-forward) and pycls (ViT_P / ViT_C), inside a
+#    {'model': ...} / {'model_state': ...} / {'state_dict': ...} wrapper or not.
+# ==================================================================================================
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True and a clear message for a missing or corrupt file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f'checkpoint {path!r} not found; check the path')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        import re
+        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        if found is None:
+            error = f'unreadable (truncated or corrupt?): {str(e).splitlines()[-1][:80]}'
+        elif found.group(1) != 'argparse.Namespace':
+            error = (f'refused: it holds a {found.group(1)} object, and only tensors and plain '
+                     f'data are loaded (for safety)')
+        else:                                   # DeiT-style training checkpoints store their args
+            import argparse
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location='cpu', weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        error = f'unreadable (truncated or corrupt?): {str(e).splitlines()[0][:80]}'
+    raise ValueError(f'checkpoint {path!r} is {error}; re-download or re-save it')
+
+
+def unwrap_state_dict(obj, weights='model'):
+    """The state dict inside a checkpoint: ours ({'model', 'ema', ...}), DeiT/LocalViT
+    ({'model': ...}), pycls ({'model_state': ...}), or a bare state dict."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f'a checkpoint must be a dict of tensors or wrap one, got {type(obj).__name__}')
+    if weights == 'ema':
+        if not isinstance(obj.get('ema'), Mapping):
+            raise ValueError('this checkpoint holds no EMA weights (train with --ema)')
+        return obj['ema']
+    for key in ('model', 'model_state', 'state_dict'):
+        if isinstance(obj.get(key), Mapping):
+            return obj[key]
+    if all(torch.is_tensor(v) for v in obj.values()):
+        return obj
+    raise ValueError(f'no state dict found in the checkpoint (keys: {", ".join(list(obj)[:8])})')
+
+
+def remap_localvit(sd):
+    """Official LocalViT: '<p>.conv.conv.<i>.*' -> '<p>.lff.<name>.*'. Index 2 and 5 are the
+    activations; with channel attention (index 6) the last 1x1 conv and BN are 7, 8, else 6, 7."""
+    import re
+    out = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r'(.*)\.conv\.conv\.(\d+)\.(.*)', k)
+        if not m:
+            out[k] = v
+            continue
+        prefix, i, rest = m.group(1), int(m.group(2)), m.group(3)
+        with_se = f'{prefix}.conv.conv.8.weight' in sd
+        names = ['conv1', 'bn1', None, 'dwconv', 'bn2', None] + (
+            ['se', 'conv2', 'bn3'] if with_se else ['conv2', 'bn3'])
+        rest = rest.replace('fc.0.', 'fc1.').replace('fc.2.', 'fc2.')
+        out[f'{prefix}.lff.{names[i]}.{rest}'] = v
+    return out
+
+
+def remap_pycls(sd):
+    """pycls ViT: sequence-first position embedding, nn.MultiheadAttention, named stem layers."""
+    import re
+    rules = [(r'class_token', 'cls_token'), (r'stem\.patchify\.', 'patch_embed.proj.'),
+             (r'stem\.cstem_last_conv\.', 'patch_embed.proj.'),
+             (r'encoder\.block_(\d+)\.ln_1\.', r'blocks.\1.norm1.'),
+             (r'encoder\.block_(\d+)\.ln_2\.', r'blocks.\1.norm2.'),
+             (r'encoder\.block_(\d+)\.self_attention\.block\.in_proj_', r'blocks.\1.attn.qkv.'),
+             (r'encoder\.block_(\d+)\.self_attention\.block\.out_proj\.', r'blocks.\1.attn.proj.'),
+             (r'encoder\.block_(\d+)\.mlp_block\.linear_1\.', r'blocks.\1.mlp.fc1.'),
+             (r'encoder\.block_(\d+)\.mlp_block\.linear_2\.', r'blocks.\1.mlp.fc2.'),
+             (r'encoder\.ln\.', 'norm.'), (r'head\.head_fc\.', 'head.')]
+    out = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r'stem\.cstem(\d+)_(conv|bn)\.(.*)', k)
+        if m:                                    # conv stem layer i: Sequential index 3i (+1 BN)
+            k = f'patch_embed.convs.{3 * int(m.group(1)) + (m.group(2) == "bn")}.{m.group(3)}'
+        for pattern, repl in rules:
+            k = re.sub(f'^{pattern}', repl, k)
+        if k == 'pos_embedding':                 # (1 + N, 1, C) -> (1, 1 + N, C)
+            k, v = 'pos_embed', rearrange(v, 'n 1 c -> 1 n c')
+        out[k.replace('qkv.weight', 'qkv.weight').replace('qkv.bias', 'qkv.bias')] = v
+    return out
+
+
+def to_our_keys(sd):
+    """Detect the format of a state dict by its keys and map it onto ours."""
+    sd = {k.removeprefix('module.').replace('_orig_mod.', ''): v for k, v in sd.items()}
+    if any(k.startswith(('encoder.block_', 'stem.')) for k in sd) or 'class_token' in sd:
+        return remap_pycls(sd)
+    if any('.conv.conv.' in k for k in sd):
+        return remap_localvit(sd)
+    return sd
+
+
+def resize_pos_embed(pos, n_prefix, new_grid, old_grid=None):
+    """Interpolate a (1, n_prefix + h*w, C) position embedding to another grid (bicubic)."""
+    n = pos.shape[1] - n_prefix
+    if old_grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f'the position embedding holds {n} patches, no square grid; '
+                             f'pass the grid it was trained on')
+        old_grid = (side, side)
+    prefix, grid = pos[:, :n_prefix], seq2img(pos[:, n_prefix:], old_grid)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode='bicubic', align_corners=False)
+    return torch.cat([prefix, img2seq(grid).to(pos.dtype)], dim=1)
+
+
+def describe_state_dict(sd):
+    """A one-line summary of a (our-keys) state dict, for mismatch messages."""
+    blocks = {int(k.split('.')[1]) for k in sd if k.startswith('blocks.')}
+    gpsa = {int(k.split('.')[1]) for k in sd if k.endswith('attn.gating_param')}
+    width = sd['norm.weight'].shape[0] if 'norm.weight' in sd else '?'
+    parts = [f'{len(blocks)} blocks', f'width {width}']
+    if gpsa:
+        parts.append(f'{len(gpsa)} GPSA blocks (ConViT)')
+    if any('.lff.' in k for k in sd):
+        parts.append('locality FFN (LocalViT)')
+    if any(k.startswith('patch_embed.convs.') for k in sd):
+        parts.append('conv stem (ViT_C)')
+    if 'head.weight' in sd:
+        parts.append(f'{sd["head.weight"].shape[0]} classes')
+    return ', '.join(parts)
+
+
+def load_checkpoint(model, checkpoint, weights='model', skip_head=False, strict=True):
+    """Load a path or a state dict into `model`, in any format above, detected by its keys.
+
+    At another resolution, the position embedding is interpolated to the model's grid (GPSA
+    rebuilds its relative positions by itself). weights='ema' picks our EMA weights.
+    skip_head=True keeps the model's own classifier (fine-tuning on another class count).
+    Any mismatch raises ValueError saying what was expected and what was found."""
+    obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    ckpt_grid = None
+    if isinstance(obj, Mapping) and isinstance(obj.get('config'), Mapping):   # ours: knows its grid
+        ckpt_grid = obj.get('grid')
+    sd = to_our_keys(dict(unwrap_state_dict(obj, weights)))
+    own = model.state_dict()
+    if skip_head:
+        sd = {k: v for k, v in sd.items() if not k.startswith('head.')}
+    name = getattr(model, 'arch', type(model).__name__)
+    head = own.get('head.weight')
+    if head is not None and 'head.weight' in sd and sd['head.weight'].shape != head.shape \
+            and sd['head.weight'].shape[1:] == head.shape[1:]:
+        raise ValueError(f'the checkpoint classifies {sd["head.weight"].shape[0]} classes, model '
+                         f'{name} has {head.shape[0]}; build it with num_classes='
+                         f'{sd["head.weight"].shape[0]}, or load with skip_head=True to fine-tune')
+    missing = [k for k in own if k not in sd and not (skip_head and k.startswith('head.'))]
+    unexpected = [k for k in sd if k not in own]
+    if not (missing or unexpected) and 'pos_embed' in sd and hasattr(model, 'grid') \
+            and sd['pos_embed'].shape[1] != own['pos_embed'].shape[1]:     # another resolution
+        n_prefix = own['pos_embed'].shape[1] - model.grid[0] * model.grid[1]
+        sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], n_prefix, model.grid, ckpt_grid)
+    wrong = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    if (missing or unexpected) and strict or wrong:
+        detail = '; '.join(f'{label} {len(keys)} (e.g. {", ".join(keys[:3])})' for label, keys in
+                           [('missing', missing), ('unexpected', unexpected),
+                            ('wrong shape', wrong)] if keys)
+        raise ValueError(f'the checkpoint ({describe_state_dict(sd)}) does not fit model {name} '
+                         f'({describe_state_dict(own)}): {detail}')
+    model.load_state_dict(sd, strict=strict and not skip_head)
+    return model
+
+
+# ==================================================================================================
+# 9. Measuring: parameters and multiply-accumulates (matmuls and convolutions, attention included)
+# ==================================================================================================
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model, img_size=None):
+    """MACs of one forward pass at batch 1 = FlopCounterMode's FLOPs / 2. SDPA runs on its math
+    backend here so that the attention matmuls are counted on every device."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    h, w = pair(img_size or model.img_size)
+    x = torch.zeros(1, model.in_chans, h, w, device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2

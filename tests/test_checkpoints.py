@@ -1,0 +1,138 @@
+"""Reference fixtures: the reference implementations' weights give their logits in our models;
+official key layouts load through load_checkpoint; mismatches are explained."""
+import pytest
+import torch
+
+import locvit
+from conftest import fixture
+
+# fixture -> (zoo name, overrides reproducing the fixture's configuration)
+FIXTURES = {
+    'deit': ('deit_t', dict(img_size=32, patch_size=4, embed_dim=24, depth=3, num_heads=3)),
+    'convit': ('convit_t', dict(img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=4,
+                                local_up_to_layer=2)),
+    'convit_h9': ('convit_t', dict(img_size=24, patch_size=4, embed_dim=36, depth=2, num_heads=9,
+                                   local_up_to_layer=1)),
+    'localvit': ('localvit_t', dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                                    reduction=32)),
+    'localvit_relu6': ('localvit_t_relu6', dict(img_size=32, patch_size=4, embed_dim=24, depth=2,
+                                                num_heads=4)),
+    'vit_p': ('vit_p_1gf', dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)),
+    'vit_c': ('vit_c_1gf', dict(img_size=32, embed_dim=32, depth=2, num_heads=2,
+                                stem_channels=(8, 16), stem_strides=(2, 2))),
+}
+
+
+def fixture_model(name):
+    fx = fixture(name)
+    arch, overrides = FIXTURES[name]
+    model = locvit.create_model(arch, num_classes=10, **overrides)
+    return fx, model
+
+
+@pytest.mark.parametrize('name', sorted(FIXTURES))
+def test_reference_weights_give_the_reference_logits(name):
+    fx, model = fixture_model(name)
+    locvit.load_checkpoint(model, fx['state_dict'])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(fx['input']), fx['logits'], atol=1e-5, rtol=1e-4)
+        if 'final_tokens' in fx:        # covers the last LFF, which the logits cannot see
+            torch.testing.assert_close(model.forward_features(fx['input']), fx['final_tokens'],
+                                       atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('name', sorted(FIXTURES))
+def test_wrapped_and_prefixed_checkpoints_load_from_a_file(name, tmp_path):
+    """{'model': ...} (DeiT, LocalViT releases), {'model_state': ...} (pycls), DDP's 'module.'."""
+    fx, model = fixture_model(name)
+    wrapped = {'model_state' if name.startswith('vit_') else 'model':
+               {'module.' + k: v for k, v in fx['state_dict'].items()}, 'epoch': 3}
+    torch.save(wrapped, tmp_path / 'ckpt.pth')
+    locvit.load_checkpoint(model, tmp_path / 'ckpt.pth')
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(fx['input']), fx['logits'], atol=1e-5, rtol=1e-4)
+
+
+def test_a_training_checkpoint_with_args_namespace_loads(tmp_path):
+    """DeiT-style training checkpoints (the LocalViT release) carry an argparse.Namespace."""
+    import argparse
+    fx, model = fixture_model('localvit')
+    torch.save({'model': fx['state_dict'], 'args': argparse.Namespace(lr=5e-4)}, tmp_path / 'c.pth')
+    locvit.load_checkpoint(model, tmp_path / 'c.pth')
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(fx['input']), fx['logits'], atol=1e-5, rtol=1e-4)
+
+
+def test_our_state_dict_round_trips():
+    model = locvit.create_model('convit_t', img_size=32, patch_size=4, depth=3, local_up_to_layer=2)
+    other = locvit.create_model('convit_t', img_size=32, patch_size=4, depth=3, local_up_to_layer=2)
+    locvit.load_checkpoint(other, model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.eval()(x), other.eval()(x))
+
+
+def test_another_resolution_interpolates_the_position_embedding():
+    fx, _ = fixture_model('convit')
+    model = locvit.create_model('convit_t', num_classes=10, img_size=48, patch_size=4, embed_dim=32,
+                                depth=3, num_heads=4, local_up_to_layer=2)
+    locvit.load_checkpoint(model, fx['state_dict'])
+    assert model.pos_embed.shape == (1, 144, 32)
+    # an interpolation keeps the corners of the grid close to the original corners
+    old = locvit.seq2img(fx['state_dict']['pos_embed'], (8, 8))
+    new = locvit.seq2img(model.pos_embed.detach(), (12, 12))
+    assert (new[..., 0, 0] - old[..., 0, 0]).abs().max() < 0.5 * old.abs().max()
+    y = model.eval()(torch.randn(2, 3, 48, 48))
+    assert torch.isfinite(y).all() and model.blocks[0].attn.rel_indices.shape == (144, 144, 3)
+    # DeiT keeps its class slot in front
+    fx, _ = fixture_model('deit')
+    deit = locvit.create_model('deit_t', num_classes=10, img_size=(32, 48), patch_size=4,
+                               embed_dim=24, depth=3)
+    locvit.load_checkpoint(deit, fx['state_dict'])
+    assert torch.equal(deit.pos_embed[0, 0], fx['state_dict']['pos_embed'][0, 0])
+    assert deit.pos_embed.shape == (1, 1 + 8 * 12, 24)
+
+
+def test_another_class_count_is_explained_and_can_be_skipped():
+    fx, _ = fixture_model('deit')
+    model = locvit.create_model('deit_t', num_classes=100, img_size=32, patch_size=4,
+                                embed_dim=24, depth=3)
+    with pytest.raises(ValueError, match='classifies 10 classes, model deit_t has 100; build it '
+                                         'with num_classes=10, or load with skip_head=True'):
+        locvit.load_checkpoint(model, fx['state_dict'])
+    locvit.load_checkpoint(model, fx['state_dict'], skip_head=True)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, fx['state_dict']['blocks.0.attn.qkv.weight'])
+
+
+def test_another_architecture_is_explained():
+    fx, _ = fixture_model('convit')
+    model = locvit.create_model('deit_t', num_classes=10, img_size=32, patch_size=4, embed_dim=32,
+                                depth=3, num_heads=4)
+    with pytest.raises(ValueError, match=r'the checkpoint \(3 blocks, width 32, 2 GPSA blocks '
+                                         r'\(ConViT\), 10 classes\) does not fit model deit_t '
+                                         r'\(3 blocks, width 32, 10 classes\): missing'):
+        locvit.load_checkpoint(model, fx['state_dict'])
+    fx, _ = fixture_model('localvit')
+    with pytest.raises(ValueError, match=r'locality FFN \(LocalViT\).*does not fit model deit_t'):
+        locvit.load_checkpoint(model, fx['state_dict'])
+
+
+def test_missing_and_corrupt_files_are_explained(tmp_path):
+    model = locvit.create_model('deit_t', img_size=32, patch_size=4, depth=1)
+    with pytest.raises(ValueError, match="checkpoint '.*nope.pth' not found"):
+        locvit.load_checkpoint(model, tmp_path / 'nope.pth')
+    torch.save(model.state_dict(), tmp_path / 'good.pth')
+    data = (tmp_path / 'good.pth').read_bytes()
+    (tmp_path / 'cut.pth').write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match='unreadable .truncated or corrupt.'):
+        locvit.load_checkpoint(model, tmp_path / 'cut.pth')
+    (tmp_path / 'text.pth').write_text('not a checkpoint')
+    with pytest.raises(ValueError, match='unreadable'):
+        locvit.load_checkpoint(model, tmp_path / 'text.pth')
+
+
+def test_a_checkpoint_holding_code_objects_is_refused(tmp_path):
+    model = locvit.create_model('deit_t', img_size=32, patch_size=4, depth=1)
+    torch.save({'model': model.state_dict(), 'extra': torch.nn.ReLU()}, tmp_path / 'obj.pth')
+    with pytest.raises(ValueError, match=r'is refused: it holds a torch.nn.modules.activation.ReLU'):
+        locvit.load_checkpoint(model, tmp_path / 'obj.pth')
