@@ -18,8 +18,7 @@ def python_blocks(path):
 @pytest.mark.parametrize('path', DOCS, ids=[os.path.relpath(p, ROOT) for p in DOCS])
 def test_markdown_python_blocks_run(path, monkeypatch, tmp_path):
     blocks = python_blocks(path)
-    if not blocks:
-        pytest.skip(f'{os.path.relpath(path, ROOT)} has no python blocks')
+    assert blocks, f'{os.path.relpath(path, ROOT)} has no python blocks to run'
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv('LOCVIT_DOCS_TMP', str(tmp_path))
     namespace = {'__name__': '__docs__'}
@@ -29,7 +28,3 @@ def test_markdown_python_blocks_run(path, monkeypatch, tmp_path):
         except Exception as e:
             raise AssertionError(f'{os.path.relpath(path, ROOT)}, python block {i + 1} failed: '
                                  f'{type(e).__name__}: {e}') from e
-
-
-def test_the_readme_has_runnable_blocks():
-    assert python_blocks(os.path.join(ROOT, 'README.md'))
