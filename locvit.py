@@ -13,10 +13,13 @@ Read it top to bottom: every piece uses only what is above it.
                         -- Li et al. 2021, "LocalViT: Bringing Locality to Vision Transformers"
   6. VisionTransformer  one pre-norm block and one model class for DeiT, ConViT, LocalViT,
                         ViT_P and ViT_C
-  7. Model zoo          create_model(name, **overrides), list_models()
-  8. Checkpoints        load_checkpoint(model, path_or_state_dict): ours, timm, the official
+  7. Over-smoothing     patch diversification: the cosine, contrastive and mixing losses,
+                        patch-grid CutMix, and the over-smoothing curve (patch_similarity)
+                        -- Gong et al. 2021, "Vision Transformers with Patch Diversification"
+  8. Model zoo          create_model(name, **overrides), list_models()
+  9. Checkpoints        load_checkpoint(model, path_or_state_dict): ours, timm, the official
                         releases; position embeddings resized for another resolution
-  9. Measuring          count_params, count_macs
+ 10. Measuring          count_params, count_macs
 
 Shapes: B batch, N tokens, C (= D) width, H heads, d = C/H head width, h x w the patch grid.
 Tokens are always row-major over the grid (token n <-> row n // w, column n % w); a class token,
@@ -26,7 +29,9 @@ import difflib
 import math
 import os
 import pickle
+import random
 import zipfile
+from collections import namedtuple
 from collections.abc import Mapping
 
 import torch
@@ -539,7 +544,254 @@ class VisionTransformer(nn.Module):
 
 
 # ==================================================================================================
-# 7. Model zoo: names -> configurations (the papers' published models)
+# 7. Suppressing over-smoothing: patch diversification (Gong et al. 2021)
+#    With depth, the patch tokens of one image become nearly parallel ("over-smoothing"): their
+#    mean pairwise |cosine| climbs towards 1 (≈ 0.9 in the last layer of a 24-layer DeiT-B).
+#    Three losses, added to the usual one, keep the last layer's patches h^L apart:
+#      cosine       L_cos = 1/(n(n-1)) Σ_{i≠j} |cos(h^L_i, h^L_j)|
+#      contrastive  L_con = -(1/n) Σ_i log softmax_j(sim(h¹_i, h^L_j) / τ)[i]   (h¹ detached):
+#                   each last-layer patch stays closest to its own first-layer self
+#      mixing       CutMix on the patch grid, every patch labelled with the image it came from;
+#                   L_mix = (1/n) Σ_i CE(head_patch(h^L_i), y_i)
+#    The mean |cosine| measured on every layer is the over-smoothing curve (patch_similarity).
+#    The released code's variants (a 3-way contrastive loss, a region-mean mixing loss) sit beside
+#    the paper's, as documented alternatives. Plain functions on token tensors: diversity_tokens
+#    picks the tokens out of forward_features(x, return_layers=True); the training script weighs
+#    (parse_diverse) and adds the losses.
+# ==================================================================================================
+
+DIVERSE_LOSSES = ('cos', 'con', 'mix')
+
+
+def parse_diverse(spec):
+    """'cos,con,mix' (weight 1 each) or 'cos=1,con=0.5' -> {'cos': 1.0, 'con': 0.5, 'mix': 0.0}.
+    A loss left out gets weight 0; an empty spec turns them all off."""
+    weights = dict.fromkeys(DIVERSE_LOSSES, 0.0)
+    if not (spec or '').strip():
+        return weights
+    allowed = ', '.join(DIVERSE_LOSSES)
+    seen = set()
+    for part in spec.split(','):
+        name, has_weight, value = (s.strip() for s in part.partition('='))
+        if name not in DIVERSE_LOSSES:
+            raise ValueError(f'unknown over-smoothing loss {part.strip()!r} in {spec!r}; choose '
+                             f'from {allowed}, e.g. "cos=1,con=1,mix=1"')
+        if name in seen:
+            raise ValueError(f'{name!r} is given twice in {spec!r}')
+        seen.add(name)
+        try:
+            weight = float(value) if has_weight else 1.0
+        except ValueError:
+            weight = None
+        if weight is None or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f'malformed weight in {part.strip()!r} of {spec!r}: a weight is a '
+                             f'number >= 0 (losses: {allowed})')
+        weights[name] = weight
+    return weights
+
+
+def patch_tokens(layer, grid):
+    """The patch tokens (B, h*w, C) of one layer (B, N, C): its last h*w tokens; a class token,
+    when the layer has one, sits in front."""
+    n = grid[0] * grid[1]
+    if layer.ndim != 3 or layer.shape[1] - n not in (0, 1):
+        raise ValueError(f'a layer of shape {tuple(layer.shape)} does not hold the {n} patch '
+                         f'tokens of a {grid[0]}x{grid[1]} grid (plus at most a class token); '
+                         f'pass the grid of the model that made it (model.grid)')
+    return layer[:, -n:]
+
+
+DiverseTokens = namedtuple('DiverseTokens', 'embed first last out')
+
+
+def diversity_tokens(tokens, layers, grid, pos_embed=None):
+    """The patch tokens (B, h*w, C) the losses need, from forward_features(x, return_layers=True):
+      embed  the embedding (layer 0); given the model's pos_embed, the stem's output before the
+             position embedding is added: the anchor of the released contrastive loss
+      first  block 1's output h¹: the anchor of the paper's contrastive loss
+      last   block L's output h^L, before the final norm: for the cosine and contrastive losses
+             (the tokens the over-smoothing curve measures)
+      out    block L's output after the final norm, what the class head reads: for the patch
+             classifier and the released contrastive loss
+    A class token (DeiT: in every layer; ConViT: only after the GPSA blocks) is dropped."""
+    if len(layers) < 2:
+        raise ValueError(f'expected [embedding, block 1, ..., block L] (at least 2 layers), got '
+                         f'{len(layers)}; call forward_features(x, return_layers=True)')
+    embed = patch_tokens(layers[0], grid)
+    if pos_embed is not None:
+        embed = embed - pos_embed[:, -embed.shape[1]:]
+    return DiverseTokens(embed, patch_tokens(layers[1], grid), patch_tokens(layers[-1], grid),
+                         patch_tokens(tokens, grid))
+
+
+def patch_cosine_loss(tokens):
+    """L_cos = 1/(n(n-1)) Σ_{i≠j} |cos(h_i, h_j)| over the patch tokens (B, n, C) of one layer,
+    per image, averaged over the batch: 1 when the patches are parallel, 0 when orthogonal."""
+    if tokens.ndim != 3 or tokens.shape[1] < 2:
+        raise ValueError(f'expected patch tokens (B, n, C) with n >= 2 patches, got '
+                         f'{tuple(tokens.shape)}')
+    n = tokens.shape[1]
+    unit = F.normalize(tokens, dim=-1)
+    cos = unit @ unit.transpose(1, 2)                                       # (B, n, n)
+    self_pairs = torch.eye(n, dtype=torch.bool, device=tokens.device)
+    return (cos.abs().masked_fill(self_pairs, 0.0).sum(dim=(1, 2)) / (n * (n - 1))).mean()
+
+
+@torch.no_grad()
+def patch_similarity(layers, grid):
+    """The over-smoothing curve: the mean pairwise |cosine| of the patch tokens of every layer
+    (embedding, block 1, ..., block L), averaged over the images; a 1-D tensor, one value per
+    layer, each in [0, 1] (.tolist() for a list of floats)."""
+    return torch.stack([patch_cosine_loss(patch_tokens(x, grid).float()) for x in layers])
+
+
+def patch_contrastive_loss(first, last, temperature=0.1, normalize=True):
+    """InfoNCE between the patches of one image: each first-layer token h¹_i must pick out its
+    own last-layer token h^L_i (the positive) among all h^L_j of the image (the others are the
+    negatives):
+        L_con = -(1/n) Σ_i log softmax_j(sim(h¹_i, h^L_j) / τ)[i],  per image, batch-averaged.
+    first, last: (B, n, C); h¹ is detached (a fixed target: only the last layer moves).
+    The paper's sim is the raw dot product with τ = 1: normalize=False, temperature=1. But the
+    dot products of wide tokens reach the hundreds, where the softmax saturates and exp()
+    overflows in half precision; so by default sim is the cosine (L2-normalised tokens) with
+    τ = 0.1, the usual InfoNCE temperature: logits within [-10, 10]."""
+    if first.ndim != 3 or first.shape != last.shape or first.shape[1] < 2:
+        raise ValueError(f'expected first- and last-layer patch tokens of one shape (B, n, C), '
+                         f'n >= 2; got {tuple(first.shape)} and {tuple(last.shape)}')
+    if not temperature > 0:
+        raise ValueError(f'temperature must be > 0, got {temperature}')
+    anchor = first.detach()
+    if normalize:
+        anchor, last = F.normalize(anchor, dim=-1), F.normalize(last, dim=-1)
+    logits = anchor @ last.transpose(1, 2) / temperature                  # (B, n, n): (i, j)
+    b, n = logits.shape[:2]
+    positives = torch.arange(n, device=logits.device).repeat(b)            # row i: column i
+    return F.cross_entropy(rearrange(logits, 'b i j -> (b i) j'), positives)
+
+
+def patch_contrastive_loss_released(embed, out, grid, window=7):
+    """The released code's contrastive loss (DiversePatch, deit/models.py, `similarity`): an
+    alternative to the paper's. The anchor a_i is the detached stem output (patch embedding
+    before the position embedding, diversity_tokens(..., pos_embed=model.pos_embed).embed), and
+    three candidates from the last layer after the final norm (.out) compete, by raw dot
+    product (no normalisation, τ = 1):
+        positive  out_i                                 the same position
+        negative  Σ_{j≠i} out_j / (n - 1)               the mean of the other patches
+        negative  Σ_{j∈W(i), j≠i} out_j / (k² - 1)      the k x k neighbourhood W(i) (k = 7);
+                  zero-padded at the borders (avg_pool2d counting the padding), so the
+                  divisor stays k² - 1
+        L = -mean_{b,i} log(softmax([a_i·pos, a_i·neg_1, a_i·neg_2])[0] + 1e-8)
+    The 1e-8 (kept, as released) caps each term at ≈ 18.4."""
+    h, w = grid
+    if embed.ndim != 3 or embed.shape != out.shape or embed.shape[1] != h * w or h * w < 2:
+        raise ValueError(f'expected embedding and last-layer patch tokens (B, {h * w}, C) for the '
+                         f'{h}x{w} grid, got {tuple(embed.shape)} and {tuple(out.shape)}')
+    if window < 3 or window % 2 == 0:
+        raise ValueError(f'window must be odd and >= 3, got {window}')
+    anchor = embed.detach()
+    z = seq2img(out, grid)                                                  # (B, C, h, w)
+    window_sum = F.avg_pool2d(z, window, stride=1, padding=window // 2, divisor_override=1)
+    neighbours = (window_sum - z) / (window ** 2 - 1)
+    others = (z.sum(dim=(2, 3), keepdim=True) - z) / (h * w - 1)
+    logits = torch.stack([(anchor * img2seq(c)).sum(-1) for c in (z, others, neighbours)], -1)
+    return -(logits.softmax(dim=-1)[..., 0] + 1e-8).log().mean()           # logits (B, n, 3)
+
+
+def patch_cutmix(images, labels, num_classes, grid, patch_size, alpha=1.0, generator=None,
+                 return_mask=False):
+    """CutMix with the box on the patch grid, so that every patch comes from one image.
+
+    λ ~ Beta(α, α); the box spans round(sqrt(1-λ) h) x round(sqrt(1-λ) w) patches (a fraction
+    ≈ 1 - λ of the grid), placed uniformly at random inside the grid (not clipped, so its area is
+    the one drawn). One box for the batch; image b receives it from image b - 1 (the batch
+    rolled by one, as torchvision's CutMix). images (B, C, h*P, w*P), labels (B,) class indices.
+    Returns
+      mixed         (B, C, H, W)
+      target        (B, num_classes): (1 - a) onehot(y_b) + a onehot(y_{b-1}), a = the exact
+                    pasted fraction of the grid (after rounding to whole patches)
+      patch_labels  (B, h*w) long: the label of the image each patch came from (row-major)
+      mask          (h*w,) bool, True inside the box; only with return_mask=True
+    A conv-stem model's patch_size is its total stride (model.patch_size): a patch is one stride
+    cell (its token also sees a few pixels across the cell's border).
+    The draws come from `generator` (a CPU torch.Generator) or torch's global generator, so
+    torch.manual_seed makes them reproducible."""
+    h, w = grid
+    p = patch_size
+    if images.ndim != 4 or tuple(images.shape[-2:]) != (h * p, w * p):
+        raise ValueError(f'images {tuple(images.shape)} do not fit a {h}x{w} grid of {p}-pixel '
+                         f'patches: expected (B, C, {h * p}, {w * p})')
+    if labels.shape != images.shape[:1] or labels.is_floating_point():
+        raise ValueError(f'expected labels as (B,) = ({images.shape[0]},) class indices, got '
+                         f'{labels.dtype} {tuple(labels.shape)}')
+    if not alpha > 0:
+        raise ValueError(f'alpha must be > 0, got {alpha}')
+    rng = random.Random(int(torch.randint(2 ** 62, (), generator=generator)))
+    cut = math.sqrt(1.0 - rng.betavariate(alpha, alpha))
+    bh, bw = round(h * cut), round(w * cut)                  # the box, in patches
+    top, left = rng.randint(0, h - bh), rng.randint(0, w - bw)
+    rows, cols = slice(top * p, (top + bh) * p), slice(left * p, (left + bw) * p)
+    mixed = images.clone()
+    mixed[:, :, rows, cols] = images.roll(1, dims=0)[:, :, rows, cols]
+    box = torch.zeros(h, w, dtype=torch.bool, device=images.device)
+    box[top:top + bh, left:left + bw] = True
+    mask = rearrange(box, 'h w -> (h w)')
+    rolled = labels.roll(1, dims=0)
+    patch_labels = torch.where(mask, rolled[:, None], labels[:, None])     # (B, h*w)
+    area = bh * bw / (h * w)
+    target = ((1 - area) * F.one_hot(labels, num_classes).float()
+              + area * F.one_hot(rolled, num_classes).float())
+    return (mixed, target, patch_labels, mask) if return_mask else (mixed, target, patch_labels)
+
+
+class PatchHead(nn.Linear):
+    """The patch classifier of the mixing loss: one Linear(C, num_classes), shared by all patch
+    tokens: (B, n, C) -> (B, n, num_classes), DeiT's init.
+    Feed it the last layer's patch tokens after the final norm (diversity_tokens(...).out, what
+    the class head reads; the released code does the same). It lives beside the model, not inside
+    it, so that the model's state_dict stays the published architecture's: the training script
+    gives its parameters to the optimizer and saves its state_dict next to the model's."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__(dim, num_classes)
+        init_deit(self)
+
+
+def patch_mixing_loss(patch_logits, patch_labels, label_smoothing=0.0):
+    """L_mix = (1/n) Σ_i CE(head_patch(h^L_i), y_i): the cross-entropy of each patch's prediction
+    (B, n, K) against the label of the image it came from (B, n), averaged over patches and
+    images."""
+    if patch_logits.ndim != 3 or patch_labels.shape != patch_logits.shape[:2]:
+        raise ValueError(f'expected patch logits (B, n, K) and patch labels (B, n), got '
+                         f'{tuple(patch_logits.shape)} and {tuple(patch_labels.shape)}')
+    return F.cross_entropy(rearrange(patch_logits, 'b n k -> (b n) k'),
+                           rearrange(patch_labels, 'b n -> (b n)'), label_smoothing=label_smoothing)
+
+
+def region_mixing_loss(head, patches, patch_labels, mask, label_smoothing=0.0):
+    """The released code's form of the mixing loss (an alternative to patch_mixing_loss): average
+    the patch tokens (B, n, C) of each region (the pasted box, the rest), classify each region's
+    mean with head, and weight each region's cross-entropy by its area fraction:
+        L = Σ_r (|r| / n) CE(head(mean_{i∈r} h_i), y_r).
+    mask (n,) is patch_cutmix's (return_mask=True). The released code also puts a dropout
+    (p 0.2) before the head (pass head=nn.Sequential(nn.Dropout(0.2), patch_head)) and uses the
+    regions' soft labels (here: class indices, with optional label smoothing)."""
+    b, n = patches.shape[:2] if patches.ndim == 3 else (None, None)
+    if n is None or patch_labels.shape != (b, n) or mask.shape != (n,) or mask.dtype != torch.bool:
+        raise ValueError(f'expected patch tokens (B, n, C), patch labels (B, n) and a bool mask '
+                         f'(n,), got {tuple(patches.shape)}, {tuple(patch_labels.shape)} and '
+                         f'{mask.dtype} {tuple(mask.shape)}')
+    regions = torch.stack([~mask, mask]).to(patches.dtype)                 # (2, n)
+    size = regions.sum(dim=1)
+    means = regions @ patches / size.clamp(min=1)[:, None]                 # (B, 2, C)
+    labels = patch_labels[:, regions.argmax(dim=1)]                        # (B, 2): any patch's
+    ce = F.cross_entropy(rearrange(head(means), 'b r k -> (b r) k'),
+                         rearrange(labels, 'b r -> (b r)'), reduction='none',
+                         label_smoothing=label_smoothing)
+    return (rearrange(ce, '(b r) -> b r', r=2) * size / n).sum(dim=1).mean()
+
+
+# ==================================================================================================
+# 8. Model zoo: names -> configurations (the papers' published models)
 # ==================================================================================================
 
 def _vit(**cfg):
@@ -611,7 +863,7 @@ def create_model(name, **overrides):
 
 
 # ==================================================================================================
-# 8. Checkpoints: ours, timm's (DeiT, ConViT: the same key names as ours), the official LocalViT
+# 9. Checkpoints: ours, timm's (DeiT, ConViT: the same key names as ours), the official LocalViT
 #    release ('conv.conv.<i>' for the locality feed-forward) and pycls (ViT_P / ViT_C), inside a
 #    {'model': ...} / {'model_state': ...} / {'state_dict': ...} wrapper or not.
 # ==================================================================================================
@@ -783,7 +1035,7 @@ def load_checkpoint(model, checkpoint, weights='model', skip_head=False, strict=
 
 
 # ==================================================================================================
-# 9. Measuring: parameters and multiply-accumulates (matmuls and convolutions, attention included)
+# 10. Measuring: parameters and multiply-accumulates (matmuls and convolutions, attention included)
 # ==================================================================================================
 
 
