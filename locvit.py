@@ -842,6 +842,12 @@ def list_models():
     return sorted(MODELS)
 
 
+def model_options(name):
+    """The overrides a zoo model accepts (its class's constructor arguments)."""
+    code = MODELS[name][0].__init__.__code__
+    return list(code.co_varnames[1:code.co_argcount])
+
+
 def create_model(name, **overrides):
     """Build a zoo model; overrides (img_size, patch_size, num_classes, embed_dim, depth,
     num_heads, drop_path, ...) replace the published configuration. `patch_size` on a conv-stem
@@ -851,7 +857,7 @@ def create_model(name, **overrides):
         hint = f"; did you mean {', '.join(close)}?" if close else ''
         raise ValueError(f'unknown model {name!r}{hint} (list_models() gives all {len(MODELS)})')
     cls, cfg = MODELS[name]
-    allowed = [p for p in cls.__init__.__code__.co_varnames[1:cls.__init__.__code__.co_argcount]]
+    allowed = model_options(name)
     unknown = [k for k in overrides if k not in allowed]
     if unknown:
         raise ValueError(f'{name} has no option {", ".join(map(repr, unknown))}; '

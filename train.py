@@ -10,6 +10,7 @@ Read top to bottom: config -> distributed setup -> data -> model -> optimizer ->
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -82,6 +83,8 @@ class Config:
     repeated_aug: int = None                # each image seen this many times per epoch
     ema: bool = False
     ema_decay: float = 0.99996
+    # patch diversification (Gong et al.): e.g. "cos=1,con=1,mix=1"; see locvit.parse_diverse
+    diverse: str = None
     # running
     amp: str = None                         # bf16 | fp16 | off (default: bf16 on CUDA, off on CPU)
     compile: bool = False
@@ -124,7 +127,6 @@ def parse_config(argv=None):
         else:
             kind = {'int': int, 'float': float}.get(getattr(f.type, '__name__', f.type), str)
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper())
-    parser.add_argument('--diverse', default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     given = vars(parser.parse_args(argv))
     cfg = Config(**given)
     if cfg.data not in ('synthetic', 'cifar10', 'cifar100', 'folder'):
@@ -132,6 +134,7 @@ def parse_config(argv=None):
     for name, value in DATA_DEFAULTS[data_kind(cfg.data)].items():
         if getattr(cfg, name) is None:
             setattr(cfg, name, value)
+    check_arch(cfg, given)
     cfg.amp = cfg.amp or ('bf16' if torch.cuda.is_available() else 'off')
     if cfg.amp not in ('bf16', 'fp16', 'off'):
         raise TrainError(f"unknown --amp {cfg.amp!r}; choose bf16, fp16 or off")
@@ -139,6 +142,13 @@ def parse_config(argv=None):
         raise TrainError(f"unknown --opt {cfg.opt!r}; choose adamw or sgd")
     if not 0 < cfg.data_fraction <= 1:
         raise TrainError(f'--data-fraction must lie in (0, 1], got {cfg.data_fraction}')
+    try:
+        weights = locvit.parse_diverse(cfg.diverse)
+    except ValueError as e:
+        raise TrainError(f'--diverse: {e}') from None
+    if weights['mix'] and cfg.mixup > 0:
+        raise TrainError('the patch mixing loss (--diverse mix) labels every patch with one image, '
+                         'which MixUp blends away; add --mixup 0 (the patch-aligned CutMix is used)')
     if cfg.scale_epochs:                    # ConViT's sample-efficiency protocol
         cfg.epochs = round(cfg.epochs / cfg.data_fraction)
     cfg.out = cfg.out or os.path.join('runs', f'{cfg.arch}-{cfg.data}')
@@ -219,32 +229,38 @@ def shape_mask(kind, u, v):
     raise ValueError(kind)
 
 
+@functools.lru_cache(maxsize=8)
+def unit_grid(size):
+    """Pixel-centre coordinates in [-1, 1]: (ys, xs), each (size, size)."""
+    return torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing='ij')
+
+
 def draw_synthetic(index, label, size, seed):
     """One image (3, size, size) uint8: a shape of class `label` over clutter, from its index."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    r = lambda *shape: torch.rand(*shape, generator=g)
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing='ij')
-    # background: two colours blended by a smooth random field, plus a few faint blobs
-    c0, c1 = r(3, 1, 1), r(3, 1, 1)
-    k = r(4) * 3
-    field_ = 0.5 + 0.25 * (torch.sin(k[0] * xs + 6 * k[1]) + torch.cos(k[2] * ys + 6 * k[3]))
-    img = c0 * field_ + c1 * (1 - field_)
-    for _ in range(3):
-        cx, cy, rad = r(1) * 2 - 1, r(1) * 2 - 1, 0.05 + 0.1 * r(1)
-        blob = ((xs - cx) ** 2 + (ys - cy) ** 2 <= rad ** 2).float()
-        img = img * (1 - 0.5 * blob) + 0.5 * blob * r(3, 1, 1)
+    r = torch.rand(32, generator=g).tolist()          # every random number this image needs
+    ys, xs = unit_grid(size)
+    # background: two colours blended by a smooth random field, plus three faint blobs
+    c0, c1 = torch.tensor(r[0:3]).view(3, 1, 1), torch.tensor(r[3:6]).view(3, 1, 1)
+    blend = 0.5 + 0.25 * (torch.sin(3 * r[6] * xs + 18 * r[7]) + torch.cos(3 * r[8] * ys + 18 * r[9]))
+    img = c1 + (c0 - c1) * blend
+    for j in range(3):
+        cx, cy, rad, grey = 2 * r[10 + j] - 1, 2 * r[13 + j] - 1, 0.05 + 0.1 * r[16 + j], r[19 + j]
+        blob = 0.5 * ((xs - cx) ** 2 + (ys - cy) ** 2 <= rad * rad).float()
+        img = img * (1 - blob) + grey * blob
     # the shape: radius 0.35-0.6 of the half-width, anywhere it fits, turned by up to 15 degrees
-    rad = 0.35 + 0.25 * r(1)
-    cx, cy = (r(2) * 2 - 1) * (1 - rad)
-    theta = (r(1) - 0.5) * math.radians(30)
+    rad = 0.35 + 0.25 * r[22]
+    cx, cy = (2 * r[23] - 1) * (1 - rad), (2 * r[24] - 1) * (1 - rad)
+    theta = (r[25] - 0.5) * math.radians(30)
+    cos, sin = math.cos(theta), math.sin(theta)
     du, dv = (xs - cx) / rad, (ys - cy) / rad
-    u = du * torch.cos(theta) + dv * torch.sin(theta)
-    v = -du * torch.sin(theta) + dv * torch.cos(theta)
-    mask = shape_mask(SHAPES[label], u, v).float()
-    colour = r(3, 1, 1)
-    while (colour - img.mean(dim=(1, 2), keepdim=True)).abs().sum() < 0.6:   # keep it visible
-        colour = r(3, 1, 1)
-    img = img * (1 - mask) + colour * mask
+    mask = shape_mask(SHAPES[label], du * cos + dv * sin, dv * cos - du * sin).float()
+    # its colour stands out from the background's mean colour
+    mean = img.mean(dim=(1, 2))
+    colour = torch.tensor(r[26:29])
+    if (colour - mean).abs().sum() < 0.6:
+        colour = torch.where(mean > 0.5, colour * 0.3, 0.7 + 0.3 * colour)
+    img = img + (colour.view(3, 1, 1) - img) * mask
     img = img + 0.03 * torch.randn(img.shape, generator=g)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 
@@ -294,7 +310,7 @@ def build_transforms(cfg, train):
                   v2.RandomHorizontalFlip()]
         if cfg.randaug != 'off':
             n, m = (int(s) for s in cfg.randaug.split(','))
-            steps.append(v2.RandAugment(num_ops=n, magnitude=m, interpolation=InterpolationMode.BICUBIC))
+            steps.append(v2.RandAugment(num_ops=n, magnitude=m, interpolation=InterpolationMode.BILINEAR))
     elif data_kind(cfg.data) == 'folder':     # resize to size / 0.875 (256 for 224), centre crop
         steps += [v2.Resize(int(size / 0.875), interpolation=InterpolationMode.BICUBIC, antialias=True),
                   v2.CenterCrop(size)]
@@ -415,8 +431,9 @@ def build_loaders(cfg, train_set, val_set, rank, world, device):
     else:
         from torch.utils.data.distributed import DistributedSampler
         sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    common = dict(num_workers=workers, pin_memory=device.type == 'cuda',
-                  persistent_workers=workers > 0)
+    # workers restart every epoch and take their seeds from torch's generator, so a resumed run
+    # (which restores that generator) draws the same augmentations as an uninterrupted one
+    common = dict(num_workers=workers, pin_memory=device.type == 'cuda')
     train = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, **common)
     val = DataLoader(val_set, cfg.batch_size, sampler=ShardSampler(len(val_set), world, rank), **common)
     if len(train) == 0:
@@ -444,6 +461,49 @@ def build_batch_mix(cfg, num_classes):
 def build_model(cfg, num_classes):
     overrides = {k: getattr(cfg, k) for k in MODEL_FIELDS if getattr(cfg, k) is not None}
     return locvit.create_model(cfg.arch, num_classes=num_classes, **overrides)
+
+
+def check_arch(cfg, given):
+    """An unknown --arch fails here, before any data is touched. The data's default patch size
+    (4 for 32 px images) applies to the ViT family; the other backbones keep their own."""
+    if cfg.arch not in locvit.MODELS:
+        try:
+            locvit.create_model(cfg.arch)
+        except ValueError as e:
+            raise TrainError(f'--arch: {e}') from None
+    options = locvit.model_options(cfg.arch)
+    if 'patch_size' not in given and locvit.MODELS[cfg.arch][0] is not locvit.VisionTransformer:
+        cfg.patch_size = None
+    unknown = [k for k in MODEL_FIELDS if getattr(cfg, k) is not None and k not in options]
+    if unknown:
+        raise TrainError(f'{cfg.arch} has no option {", ".join(unknown)}')
+
+
+class PatchDiversity(nn.Module):
+    """A model and the patch-diversity losses (Gong et al.): forward(images, patch_labels) ->
+    (logits, {'cos': ..., 'con': ..., 'mix': ...}) for the terms with a weight. The patch
+    classifier of the mixing loss lives here, beside the published model."""
+
+    def __init__(self, model, weights, num_classes):
+        super().__init__()
+        if not hasattr(model, 'grid') or not hasattr(model, 'patch_size'):
+            raise TrainError(f'{model.arch} has no single patch grid; the patch-diversity losses '
+                             f'need one (any ViT-family model: deit_*, convit_*, localvit_*, vit_*)')
+        self.model, self.weights = model, {k: w for k, w in weights.items() if w > 0}
+        if 'mix' in self.weights:
+            self.patch_head = locvit.PatchHead(self.model.head.in_features, num_classes)
+
+    def forward(self, images, patch_labels=None):
+        tokens, layers = self.model.forward_features(images, return_layers=True)
+        t = locvit.diversity_tokens(tokens, layers, self.model.grid)
+        terms = {}
+        if 'cos' in self.weights:
+            terms['cos'] = locvit.patch_cosine_loss(t.last)
+        if 'con' in self.weights:
+            terms['con'] = locvit.patch_contrastive_loss(t.first, t.last)
+        if 'mix' in self.weights:
+            terms['mix'] = locvit.patch_mixing_loss(self.patch_head(t.out), patch_labels)
+        return self.model.forward_head(tokens), terms
 
 
 NO_DECAY = ('pos_embed', 'cls_token', 'relative_position_bias_table', 'patch_pos', 'pixel_pos')
@@ -503,23 +563,36 @@ def train_one_epoch(model, loader, optimizer, schedule, cfg, device, epoch, crit
     """One pass over the loader; returns {'train_loss', 'img_per_s', ...}. With cfg.accum = k,
     k micro-batches make one optimizer step (DDP syncs gradients only on the last one)."""
     model.train()
-    sums = torch.zeros(2, device=device)          # [loss * images, images]
+    base = unwrap(model)
+    diverse = base.weights if isinstance(base, PatchDiversity) else {}
+    names = list(diverse)
+    sums = torch.zeros(2 + len(names), device=device)    # [loss, images, each term] (x images)
     start, step_in_epoch = time.perf_counter(), 0
     optimizer.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(loader):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        if batch_mix is not None:
+        patch_labels = None
+        if 'mix' in diverse:                             # CutMix on the patch grid
+            images, targets, patch_labels = locvit.patch_cutmix(
+                images, targets, base.patch_head.out_features, base.model.grid,
+                base.model.patch_size, alpha=cfg.cutmix or 1.0)
+        elif batch_mix is not None:
             images, targets = batch_mix(images, targets)
         last_micro = (i + 1) % cfg.accum == 0
         sync = model.no_sync() if is_distributed() and not last_micro and hasattr(model, 'no_sync') \
             else nullcontext()
         with sync:
             with autocast(cfg, device):
-                loss = criterion(model(images), targets)
+                if diverse:
+                    logits, terms = model(images, patch_labels)
+                    loss = criterion(logits, targets) + sum(diverse[k] * terms[k] for k in names)
+                else:
+                    loss, terms = criterion(model(images), targets), {}
             (scaler.scale(loss / cfg.accum) if scaler else loss / cfg.accum).backward()
-        batch_loss = all_reduce_sum(torch.stack([loss.detach().float() * len(images),
-                                                 torch.tensor(float(len(images)), device=device)]))
+        n = torch.tensor(float(len(images)), device=device)
+        batch_loss = all_reduce_sum(torch.stack([loss.detach().float() * n, n] +
+                                                [terms[k].detach().float() * n for k in names]))
         if not torch.isfinite(batch_loss[0]):
             raise TrainError(f'the loss became {batch_loss[0].item()} at epoch {epoch + 1}, step '
                              f'{schedule.step + 1}; {last_good_checkpoint(cfg)}; lower --lr, set '
@@ -540,7 +613,7 @@ def train_one_epoch(model, loader, optimizer, schedule, cfg, device, epoch, crit
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.update_parameters(unwrap(model))
+            ema.update_parameters(published(model))
         schedule.step += 1
         step_in_epoch += 1
         if progress is not None:
@@ -552,8 +625,10 @@ def train_one_epoch(model, loader, optimizer, schedule, cfg, device, epoch, crit
         if cfg.max_steps and schedule.step >= cfg.max_steps:
             break
     seconds = time.perf_counter() - start
-    return {'train_loss': (sums[0] / sums[1].clamp(min=1)).item(), 'img_per_s': sums[1].item() / seconds,
-            'epoch_seconds': seconds, 'lr': optimizer.param_groups[0]['lr']}
+    means = (sums / sums[1].clamp(min=1)).tolist()
+    return {'train_loss': means[0], **{f'loss_{k}': m for k, m in zip(names, means[2:])},
+            'img_per_s': sums[1].item() / seconds, 'epoch_seconds': seconds,
+            'lr': optimizer.param_groups[0]['lr']}
 
 
 @torch.no_grad()
@@ -582,9 +657,15 @@ def evaluate(model, loader, device, amp='off'):
 # ==================================================================================================
 
 def unwrap(model):
-    """The bare module inside DDP and torch.compile wrappers."""
+    """The bare module inside DDP and torch.compile wrappers (PatchDiversity stays)."""
     model = getattr(model, 'module', model)
     return getattr(model, '_orig_mod', model)
+
+
+def published(model):
+    """The zoo model itself, without the patch-diversity wrapper."""
+    model = unwrap(model)
+    return model.model if isinstance(model, PatchDiversity) else model
 
 
 def save_checkpoint(path, state):
@@ -602,11 +683,14 @@ def last_good_checkpoint(cfg):
 
 
 def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, best, classes):
-    base = unwrap(model)
-    return {'model': base.state_dict(), 'ema': ema.module.state_dict() if ema is not None else None,
+    base, wrapper = published(model), unwrap(model)
+    head = wrapper.patch_head.state_dict() if hasattr(wrapper, 'patch_head') else None
+    return {'model': base.state_dict(), 'patch_head': head,
+            'ema': ema.module.state_dict() if ema is not None else None,
+            'ema_updates': int(ema.n_averaged) if ema is not None else 0,
             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict() if scaler else None,
             'epoch': epoch, 'step': schedule.step, 'best_top1': best,
-            'arch': cfg.arch, 'config': dataclasses.asdict(cfg), 'grid': list(base.grid),
+            'arch': cfg.arch, 'config': dataclasses.asdict(cfg), 'grid': list(getattr(base, 'grid', [])),
             'classes': list(classes),
             'rng': {'torch': torch.get_rng_state(), 'python': random.getstate(),
                     'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
@@ -625,12 +709,15 @@ def resume_from(cfg, model, optimizer, schedule, scaler, ema, classes):
         raise TrainError(f'{path} is a {state.get("arch")} run on {len(state.get("classes", []))} '
                          f'classes, this run is {cfg.arch} on {len(classes)}; use another --out '
                          f'or the same --arch and data')
-    locvit.load_checkpoint(unwrap(model), state)
+    locvit.load_checkpoint(published(model), state)
+    if hasattr(unwrap(model), 'patch_head') and state.get('patch_head'):
+        unwrap(model).patch_head.load_state_dict(state['patch_head'])
     optimizer.load_state_dict(state['optimizer'])
     if scaler and state.get('scaler'):
         scaler.load_state_dict(state['scaler'])
     if ema is not None and state.get('ema') is not None:
         ema.module.load_state_dict(state['ema'])
+        ema.n_averaged.fill_(state['ema_updates'])     # else the next update restarts the average
     schedule.step = state['step']
     torch.set_rng_state(state['rng']['torch'])
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['rng']['python']))
@@ -652,7 +739,11 @@ def main(argv=None):
 
     train_set, val_set, classes = build_datasets(cfg)
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, rank, world, device)
-    model = build_model(cfg, len(classes)).to(device)
+    model = build_model(cfg, len(classes))
+    weights = locvit.parse_diverse(cfg.diverse)
+    if any(weights.values()):
+        model = PatchDiversity(model, weights, len(classes))
+    model = model.to(device)
     global_batch = cfg.batch_size * world * cfg.accum
     optimizer = build_optimizer(cfg, model, global_batch)
     steps_per_epoch = len(train_loader) // cfg.accum
@@ -661,7 +752,8 @@ def main(argv=None):
     ema = None
     if cfg.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        ema = AveragedModel(published(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                            use_buffers=True)
     start_epoch, best = 0, 0.0
     if cfg.resume:
         start_epoch, best = resume_from(cfg, model, optimizer, schedule, scaler, ema, classes)
@@ -676,7 +768,7 @@ def main(argv=None):
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, 'config.json'), 'w') as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
-    log(f'{cfg.arch}: {locvit.count_params(unwrap(model)) / 1e6:.2f}M parameters, '
+    log(f'{cfg.arch}: {locvit.count_params(published(model)) / 1e6:.2f}M parameters, '
         f'{cfg.data} data ({len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, '
         f'{cfg.img_size} px), {world} process(es) on {device.type}, global batch {global_batch}, '
         f'lr {schedule.base_lr:.2e}, {cfg.epochs} epochs' +
@@ -695,7 +787,8 @@ def main(argv=None):
         if bar is not None:
             bar.close()
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            stats.update({f'val_{k}': v for k, v in evaluate(model, val_loader, device, cfg.amp).items()})
+            stats.update({f'val_{k}': v for k, v in
+                          evaluate(published(model), val_loader, device, cfg.amp).items()})
             if ema is not None:
                 stats.update({f'ema_{k}': v for k, v in
                               evaluate(ema.module, val_loader, device, cfg.amp).items()})
@@ -711,7 +804,8 @@ def main(argv=None):
                 save_checkpoint(os.path.join(cfg.out, 'best.pt'), state)
             with open(os.path.join(cfg.out, 'log.jsonl'), 'a') as f:
                 f.write(json.dumps({'epoch': epoch + 1, **stats}) + '\n')
-        log(f'epoch {epoch + 1}/{cfg.epochs}  loss {stats["train_loss"]:.4f}  ' +
+        terms = ''.join(f'({k} {stats[f"loss_{k}"]:.3f}) ' for k in ('cos', 'con', 'mix') if f'loss_{k}' in stats)
+        log(f'epoch {epoch + 1}/{cfg.epochs}  loss {stats["train_loss"]:.4f} {terms} ' +
             (f'val top-1 {top1:.2f}%  top-5 {stats["val_top5"]:.2f}%  ' if 'val_top1' in stats else '') +
             f'lr {stats["lr"]:.2e}  {stats["img_per_s"]:.0f} img/s  {stats["epoch_seconds"]:.0f} s')
         if cfg.max_steps and schedule.step >= cfg.max_steps:

@@ -1,0 +1,283 @@
+"""train.py: learning happens, distributed training equals one process, runs resume exactly,
+every model trains, and bad input gets one clear line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import locvit
+import train
+from conftest import ROOT
+
+TINY = ['--depth', '2', '--embed-dim', '48', '--num-heads', '3', '--workers', '0', '--no-progress']
+
+
+def run_train(args, tmp_path, check=True, timeout=600, torchrun=0):
+    """train.py in a subprocess, as a user runs it; -> CompletedProcess."""
+    cmd = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone',
+                               f'--nproc_per_node={torchrun}'] if torchrun else []) + ['train.py'] + args
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def log_lines(out):
+    with open(os.path.join(out, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+# --------------------------------------------------------------------------------------------------
+# Learning happens
+# --------------------------------------------------------------------------------------------------
+
+def test_a_tiny_synthetic_run_learns(tmp_path):
+    out = tmp_path / 'run'
+    run_train(['--arch', 'localvit_t', *TINY, '--epochs', '6', '--synthetic-train', '1200',
+               '--synthetic-val', '300', '--batch-size', '48', '--lr', '2e-2', '--warmup-epochs',
+               '0.5', '--drop-path', '0', '--out', str(out)], tmp_path)
+    log = log_lines(out)
+    assert len(log) == 6
+    assert log[-1]['train_loss'] < log[0]['train_loss'] - 0.2
+    assert log[-1]['val_top1'] > 25.0                   # chance: 10%
+    for key in ('train_loss', 'val_top1', 'val_top5', 'lr', 'img_per_s', 'epoch_seconds', 'peak_mem_mb'):
+        assert key in log[-1]
+    ckpt = torch.load(out / 'last.pt', weights_only=True)     # plain data only
+    assert ckpt['epoch'] == 6 and ckpt['arch'] == 'localvit_t'
+    assert json.load(open(out / 'config.json'))['arch'] == 'localvit_t'
+    assert (out / 'best.pt').exists() and not list(out.glob('*.tmp'))
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed: 2 gloo ranks x batch b == one process on the joint batch 2b
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('arch,accum', [('deit_t', 1), ('convit_t', 2)])
+def test_two_ranks_equal_one_process_on_the_joint_batch(tmp_path, arch, accum):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    script = os.path.join(ROOT, 'tests', 'ddp_step.py')
+    base = ['--standalone', '--nproc_per_node=2', script]
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', *base, str(tmp_path / 'ddp'),
+                          arch, '4', str(accum), '2'], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, script, str(tmp_path / 'one'), arch, '8', '1', '2'],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f'ddp.rank{r}.pt') for r in (0, 1))
+    single = torch.load(tmp_path / 'one.rank0.pt')
+    start = locvit.create_model(arch, num_classes=10, depth=2, embed_dim=48, num_heads=3, img_size=32, patch_size=4,
+                                **({'local_up_to_layer': 1} if 'convit' in arch else {}))
+    moved = 0
+    for k in single:
+        assert torch.equal(r0[k], r1[k]), k                      # the ranks agree exactly
+        torch.testing.assert_close(r0[k], single[k], atol=1e-5, rtol=0, msg=k)
+        moved += not torch.allclose(single[k], start.state_dict()[k]) if k in start.state_dict() else 0
+    assert moved > 10                                             # the steps did change weights
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume: a run interrupted after epoch 1 of 2 ends with the same weights as one that was not
+# --------------------------------------------------------------------------------------------------
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    args = ['--arch', 'convit_t', '--depth', '2', '--embed-dim', '48', '--num-heads', '3',
+            '--local-up-to-layer', '1', '--epochs', '2', '--synthetic-train', '480',
+            '--synthetic-val', '64', '--batch-size', '16', '--ema', '--ema-decay', '0.9',
+            '--no-progress']                  # default workers, drop_path and augmentations on
+    run_train(args + ['--out', str(tmp_path / 'full')], tmp_path)
+
+    cmd = [sys.executable, 'train.py', *args, '--out', str(tmp_path / 'cut')]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / 'cut' / 'log.jsonl'
+    deadline = time.time() + 300
+    while not (log.exists() and log.read_text().count('\n') >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)                              # killed during epoch 2
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.load(tmp_path / 'cut' / 'last.pt', weights_only=True)['epoch'] == 1
+    resumed = run_train(args + ['--out', str(tmp_path / 'cut'), '--resume', 'auto'], tmp_path)
+    assert 'resuming after epoch 1' in resumed.stdout
+
+    full = torch.load(tmp_path / 'full' / 'last.pt', weights_only=True)
+    cut = torch.load(tmp_path / 'cut' / 'last.pt', weights_only=True)
+    assert cut['epoch'] == full['epoch'] == 2 and cut['step'] == full['step']
+    for part in ('model', 'ema'):
+        for k, v in full[part].items():
+            torch.testing.assert_close(cut[part][k], v, atol=1e-6, rtol=0, msg=f'{part} {k}')
+    assert [l['val_top1'] for l in log_lines(tmp_path / 'cut')][-1] == log_lines(tmp_path / 'full')[-1]['val_top1']
+
+
+# --------------------------------------------------------------------------------------------------
+# Every zoo model trains a step through train.py
+# --------------------------------------------------------------------------------------------------
+
+def small_overrides(name):
+    if locvit.MODELS[name][0] is not locvit.VisionTransformer:
+        return []
+    return ['--depth', '3', '--local-up-to-layer', '2'] if 'convit' in name else ['--depth', '2']
+
+
+@pytest.mark.parametrize('name', locvit.list_models())
+def test_every_model_trains_a_step_at_32px(name, tmp_path):
+    best = train.main(['--arch', name, *small_overrides(name), '--epochs', '1', '--max-steps', '1',
+                       '--synthetic-train', '8', '--synthetic-val', '4', '--batch-size', '4',
+                       '--workers', '0', '--no-progress', '--out', str(tmp_path)])
+    assert 0.0 <= best <= 100.0
+    assert log_lines(tmp_path)[0]['train_loss'] > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The pieces: data selection, samplers, schedule, weight decay
+# --------------------------------------------------------------------------------------------------
+
+def test_data_fraction_keeps_the_first_samples_of_each_class():
+    ds = train.SyntheticShapes(8, 40, num_classes=4)              # class of image i: i % 4
+    sub = train.select(ds, 3, 0.5)                                # 10 per class -> first 5, classes 0-2
+    assert sub.indices == sorted([c + 4 * k for c in range(3) for k in range(5)])
+    assert train.select(ds, 4, 1.0) is ds
+
+
+def test_synthetic_data_is_deterministic_and_balanced():
+    a, b = train.SyntheticShapes(32, 20), train.SyntheticShapes(32, 20)
+    assert torch.equal(a[7][0], b[7][0]) and a[7][1] == 7 % 10
+    assert not torch.equal(a[7][0], a[17][0])                     # same class, another image
+    assert a[3][0].dtype == torch.uint8 and a[3][0].shape == (3, 32, 32)
+
+
+def test_repeated_augmentation_spreads_copies_over_the_ranks():
+    samplers = [train.RepeatAugSampler(30, 2, r, repeats=3, seed=0) for r in range(2)]
+    shares = [list(s) for s in samplers]
+    assert all(len(s) == 15 for s in shares)                      # the epoch keeps its length
+    from collections import Counter
+    counts = Counter(shares[0] + shares[1])
+    assert max(counts.values()) <= 3 and len(counts) >= 10        # ~10 images, ~3 copies each
+
+
+def test_evaluation_shards_count_every_sample_once():
+    shards = [list(train.ShardSampler(10, 3, r)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(10))
+
+
+def test_warmup_then_cosine():
+    lr = lambda s: train.lr_at(s, 100, 10, 1.0, 0.0, 0.1)
+    assert lr(0) == 0.0 and lr(5) == pytest.approx(0.5) and lr(10) == pytest.approx(1.0)
+    assert lr(55) == pytest.approx(0.55) and lr(100) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_biases_norms_gates_and_embeddings():
+    model = locvit.create_model('convit_t', img_size=32, patch_size=4, depth=3, local_up_to_layer=2)
+    decay, no_decay = train.param_groups(model, 0.05)
+    ids = {id(p) for p in no_decay['params']}
+    names = {n for n, p in model.named_parameters() if id(p) in ids}
+    assert {'pos_embed', 'cls_token', 'blocks.0.attn.gating_param', 'blocks.0.norm1.weight',
+            'blocks.0.attn.proj.bias', 'head.bias'} <= names
+    assert 'blocks.0.attn.qk.weight' not in names and 'head.weight' not in names
+    assert decay['weight_decay'] == 0.05 and no_decay['weight_decay'] == 0.0
+
+
+def test_the_data_sets_the_defaults():
+    cfg = train.parse_config(['--data', 'synthetic'])
+    assert (cfg.img_size, cfg.patch_size) == (32, 4)
+    cfg = train.parse_config(['--data', 'folder', '--data-path', 'x'])
+    assert cfg.img_size == 224 and cfg.patch_size is None and cfg.repeated_aug == 3
+    cfg = train.parse_config(['--data', 'cifar100', '--img-size', '64', '--epochs', '10',
+                              '--data-fraction', '0.1', '--scale-epochs'])
+    assert cfg.img_size == 64 and cfg.epochs == 100
+    cfg = train.parse_config(['--arch', 'vit_c_1gf'])
+    assert locvit.create_model(cfg.arch, img_size=cfg.img_size, patch_size=cfg.patch_size).grid == (8, 8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one clear line, no traceback
+# --------------------------------------------------------------------------------------------------
+
+def cli_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.run_cli(train.main, argv + ['--workers', '0', '--no-progress'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('error: ') and '\n' not in err and 'Traceback' not in err, err
+    return err
+
+
+def make_folder(root, classes, per_class=2, bad=None):
+    from PIL import Image
+    for split in ('train', 'val'):
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(per_class):
+                Image.new('RGB', (40, 40), (i * 40, 100, 30)).save(root / split / c / f'{i}.png')
+    if bad:
+        (root / 'train' / classes[0] / bad).write_bytes(b'\x89PNG not really')
+
+
+def test_unknown_arch(capsys, tmp_path):
+    assert 'did you mean deit_t' in cli_error(['--arch', 'deit_tt', '--out', str(tmp_path)], capsys)
+
+
+def test_missing_data_path(capsys, tmp_path):
+    err = cli_error(['--data', 'folder', '--out', str(tmp_path)], capsys)
+    assert '--data folder needs --data-path' in err
+    err = cli_error(['--data', 'folder', '--data-path', str(tmp_path / 'nowhere'), '--out', str(tmp_path)], capsys)
+    assert 'does not exist' in err and 'train/ and val/' in err
+
+
+def test_a_class_folder_without_images(capsys, tmp_path):
+    make_folder(tmp_path / 'data', ['a', 'b'])
+    os.makedirs(tmp_path / 'data' / 'train' / 'c')
+    err = cli_error(['--data', 'folder', '--data-path', str(tmp_path / 'data'), '--out', str(tmp_path)], capsys)
+    assert "Found no valid file for the classes c" in err and 'needs image files' in err
+
+
+def test_an_unreadable_image(capsys, tmp_path):
+    make_folder(tmp_path / 'data', ['a', 'b'], bad='broken.png')
+    err = cli_error(['--data', 'folder', '--data-path', str(tmp_path / 'data'), '--arch', 'deit_t',
+                     '--depth', '1', '--img-size', '32', '--patch-size', '16', '--batch-size', '1', '--repeated-aug', '1',
+                     '--epochs', '1', '--out', str(tmp_path / 'o')], capsys)
+    assert 'cannot read image' in err and 'broken.png' in err and 'remove or replace' in err
+
+
+def test_a_batch_larger_than_the_data(capsys, tmp_path):
+    err = cli_error(['--synthetic-train', '10', '--batch-size', '32', '--out', str(tmp_path)], capsys)
+    assert 'fewer than one batch per process' in err and 'lower --batch-size' in err
+
+
+def test_too_many_classes(capsys, tmp_path):
+    assert 'must lie in [2, 10]' in cli_error(['--num-classes', '20', '--out', str(tmp_path)], capsys)
+
+
+def test_cifar_offline_without_the_files(capsys, tmp_path):
+    err = cli_error(['--data', 'cifar100', '--data-path', str(tmp_path), '--out', str(tmp_path)], capsys)
+    assert 'cifar100 not found' in err and '--download' in err
+
+
+def test_a_non_finite_loss_names_the_step_and_the_checkpoint(capsys, tmp_path):
+    err = cli_error(['--arch', 'deit_t', *TINY, '--epochs', '3', '--synthetic-train', '64',
+                     '--synthetic-val', '16', '--batch-size', '16', '--lr', '1e9',
+                     '--warmup-epochs', '0', '--out', str(tmp_path)], capsys)
+    assert 'the loss became' in err and 'step' in err and 'lower --lr' in err
+
+
+def test_a_corrupt_or_mismatched_resume_checkpoint(capsys, tmp_path):
+    (tmp_path / 'last.pt').write_bytes(b'garbage')
+    err = cli_error(['--resume', str(tmp_path / 'last.pt'), '--out', str(tmp_path)], capsys)
+    assert 'unreadable (truncated or corrupt?)' in err
+    run_train(['--arch', 'deit_t', *TINY, '--epochs', '1', '--synthetic-train', '32',
+               '--synthetic-val', '8', '--batch-size', '16', '--out', str(tmp_path / 'r')], tmp_path)
+    err = cli_error(['--arch', 'convit_t', '--resume', 'auto', '--out', str(tmp_path / 'r')], capsys)
+    assert 'is a deit_t run on 10 classes, this run is convit_t on 10' in err
+
+
+def test_diverse_flag_errors(capsys, tmp_path):
+    assert "unknown over-smoothing loss 'cosine'" in cli_error(['--diverse', 'cosine', '--out', str(tmp_path)], capsys)
+    assert 'malformed weight' in cli_error(['--diverse', 'cos=x', '--out', str(tmp_path)], capsys)
+    err = cli_error(['--diverse', 'mix', '--mixup', '0.8', '--out', str(tmp_path)], capsys)
+    assert 'add --mixup 0' in err
