@@ -13,13 +13,16 @@ Read it top to bottom: every piece uses only what is above it.
                         -- Li et al. 2021, "LocalViT: Bringing Locality to Vision Transformers"
   6. VisionTransformer  one pre-norm block and one model class for DeiT, ConViT, LocalViT,
                         ViT_P and ViT_C
-  7. Over-smoothing     patch diversification: the cosine, contrastive and mixing losses,
+  7. Beyond DeiT        LocalViT's LFF in four more transformers: PVT (a pyramid, spatial-
+                        reduction attention), Swin (shifted windows), TNT (pixel-level blocks
+                        inside patch-level ones), T2T-ViT (tokens-to-token) -- Li et al. 2021
+  8. Over-smoothing     patch diversification: the cosine, contrastive and mixing losses,
                         patch-grid CutMix, and the over-smoothing curve (patch_similarity)
                         -- Gong et al. 2021, "Vision Transformers with Patch Diversification"
-  8. Model zoo          create_model(name, **overrides), list_models()
-  9. Checkpoints        load_checkpoint(model, path_or_state_dict): ours, timm, the official
+  9. Model zoo          create_model(name, **overrides), list_models()
+ 10. Checkpoints        load_checkpoint(model, path_or_state_dict): ours, timm, the official
                         releases; position embeddings resized for another resolution
- 10. Measuring          count_params, count_macs
+ 11. Measuring          count_params, count_macs
 
 Shapes: B batch, N tokens, C (= D) width, H heads, d = C/H head width, h x w the patch grid.
 Tokens are always row-major over the grid (token n <-> row n // w, column n % w); a class token,
@@ -428,12 +431,17 @@ class LocalityFeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    """attn: 'mhsa', 'gpsa', or an attention module called as attn(x, grid) (section 7's PVT and
+    Swin bring their own; num_heads and qkv_bias then go unused)."""
+
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, attn='mhsa',
                  ffn='mlp', act='gelu', channel_attn='se', reduction=4, locality_strength=1.0,
                  local_init=True, talking_heads=False, grid=(14, 14), norm_eps=1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        if attn == 'gpsa':
+        if isinstance(attn, nn.Module):
+            self.attn = attn
+        elif attn == 'gpsa':
             self.attn = GPSA(dim, num_heads, qkv_bias, locality_strength=locality_strength,
                              local_init=local_init, grid=grid)
         else:
@@ -544,7 +552,542 @@ class VisionTransformer(nn.Module):
 
 
 # ==================================================================================================
-# 7. Suppressing over-smoothing: patch diversification (Gong et al. 2021)
+# 7. LocalViT beyond DeiT: PVT, Swin, TNT, T2T-ViT (Li et al. 2021)
+#    LocalViT puts the same locality feed-forward into four more transformers, in place of every
+#    (outer) block's norm2 + MLP (ffn='lff': h-swish + SE; a class token bypasses it). They are
+#    built from the pieces above (Block, with PVT's and Swin's own attention modules; Attention,
+#    Mlp, LocalityFeedForward) and share VisionTransformer's interface: img_size, in_chans,
+#    num_classes, grid (the final patch grid), forward_features(x, return_layers), forward_head,
+#    forward. return_layers gives [embedding, block outputs...] on `grid` only: for the pyramids
+#    (PVT, Swin) that is the last stage (its input and its blocks; earlier stages are finer and
+#    wider), for TNT and T2T-ViT the (outer) patch tokens of every block, as in the ViT.
+#    Each family maps the official LocalViT repo's keys onto ours (remap_*, for load_checkpoint)
+#    and names the position embeddings load_checkpoint resizes at another resolution
+#    (pos_embed_grids).
+# ==================================================================================================
+
+
+class Backbone(nn.Module):
+    """What the four families share with VisionTransformer: the input check, head(features), and
+    {state-dict key: (class-token slots, grid)} of every position embedding (none by default)."""
+    check_input = VisionTransformer.check_input
+
+    def pos_embed_grids(self, grid=None):
+        return {}
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+class NormedPatchEmbed(PatchEmbed):
+    """PatchEmbed (section 2), then a LayerNorm over the tokens (PVT, Swin; eps 1e-5)."""
+
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__(patch_size, in_chans, embed_dim)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x):                       # (B, C, H, W) -> (B, h*w, D), (h, w)
+        x = self.proj(x)
+        return self.norm(img2seq(x)), tuple(x.shape[-2:])
+
+
+def rename_keys(sd, rules):
+    """Rename every key by the first (regex, replacement) rule that matches its start."""
+    import re
+    out = {}
+    for k, v in sd.items():
+        for pattern, repl in rules:
+            k, found = re.subn(f'^{pattern}', repl, k, count=1)
+            if found:
+                break
+        out[k] = v
+    return out
+
+
+def ffn_act(ffn):
+    """The four families use GELU in their MLPs and h-swish in LocalViT's LFF."""
+    return 'hswish' if ffn == 'lff' else 'gelu'
+
+
+# --- PVT (Wang et al. 2021): a pyramid of four stages --------------------------------------------
+# Stage i: a strided-conv patch embedding (+ LayerNorm) to grid H/4, /8, /16, /32, + the stage's
+# position embedding, then blocks. Spatial-reduction attention: queries from every token, keys and
+# values from the map shrunk sr x by a strided convolution (+ LayerNorm). The class token joins in
+# the last stage (sr = 1). LocalViT-PVT: LFF(γ = the stage's MLP ratio, SE width γ: reduction =
+# dim). LayerNorm eps: blocks and the final norm 1e-6, patch embeddings and the reduction norm 1e-5.
+
+
+class SpatialReductionAttention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias=True, sr_ratio=1):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        if sr_ratio > 1:                        # (the stages with a class token have sr = 1)
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x, grid):                 # (B, N, C) -> (B, N, C)
+        q = rearrange(self.q(x), 'b n (h d) -> b h n d', h=self.num_heads)
+        if hasattr(self, 'sr'):                 # keys and values from the reduced map
+            x = self.norm(img2seq(self.sr(seq2img(x, grid))))
+        k, v = rearrange(self.kv(x), 'b n (two h d) -> two b h n d', two=2, h=self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(rearrange(out, 'b h n d -> b n (h d)'))
+
+
+class PVTStage(nn.Module):
+    def __init__(self, in_chans, dim, stride, num_tokens, num_heads, mlp_ratio, sr_ratio, qkv_bias,
+                 drop_paths, ffn):
+        super().__init__()
+        self.patch_embed = NormedPatchEmbed(stride, in_chans, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dim))   # [class token +] h*w
+        self.blocks = nn.ModuleList([
+            Block(dim, num_heads, mlp_ratio, drop_path=p, ffn=ffn, act=ffn_act(ffn), reduction=dim,
+                  norm_eps=1e-6, attn=SpatialReductionAttention(dim, num_heads, qkv_bias, sr_ratio))
+            for p in drop_paths])
+
+
+class PVT(Backbone):
+    def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000,
+                 embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
+                 depths=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1), qkv_bias=True, drop_path=0.0,
+                 ffn='mlp'):
+        super().__init__()
+        self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
+        total = patch_size * 2 ** (len(depths) - 1)
+        if any(s % total for s in self.img_size):
+            raise ValueError(f'PVT needs an image size divisible by {total} (patch_size x 2 per '
+                             f'later stage), got {self.img_size}')
+        self.grid = tuple(s // total for s in self.img_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[-1]))
+        dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        for i, dim in enumerate(embed_dims):
+            last, drop_paths = i == len(depths) - 1, dpr[sum(depths[:i]):sum(depths[:i + 1])]
+            h, w = (s * 2 ** (len(depths) - 1 - i) for s in self.grid)
+            self.stages.append(PVTStage(
+                embed_dims[i - 1] if i else in_chans, dim, 2 if i else patch_size,
+                last + h * w, num_heads[i], mlp_ratios[i], sr_ratios[i], qkv_bias, drop_paths, ffn))
+        self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)
+        self.head = nn.Linear(embed_dims[-1], num_classes)
+        self.apply(init_deit)
+        for t in [self.cls_token] + [stage.pos_embed for stage in self.stages]:
+            nn.init.trunc_normal_(t, std=0.02)
+
+    def pos_embed_grids(self, grid=None):
+        """Each stage's position embedding for the final grid `grid` (default: this model's)."""
+        (h, w), n = grid or self.grid, len(self.stages)
+        scale = [2 ** (n - 1 - i) for i in range(n)]      # stage i's grid: scale[i] x the final one
+        return {f'stages.{i}.pos_embed': (int(i == n - 1), (h * scale[i], w * scale[i]))
+                for i in range(n)}
+
+    def forward_features(self, x, return_layers=False):
+        """Tokens after the final norm (B, 1 + h*w, C), class token first; with return_layers, also
+        the last stage's [embedding, block outputs] (before the final norm)."""
+        self.check_input(x)
+        last = len(self.stages) - 1
+        for i, stage in enumerate(self.stages):
+            x, grid = stage.patch_embed(x)      # map -> tokens (B, h*w, C)
+            if i == last:                       # the class token joins
+                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            x = x + stage.pos_embed
+            layers = [x]
+            for block in stage.blocks:
+                x = block(x, grid)
+                layers.append(x)
+            if i < last:
+                x = seq2img(x, grid)            # tokens -> map for the next stage
+        x = self.norm(x)
+        return (x, layers) if return_layers else x
+
+    def forward_head(self, x):
+        return self.head(x[:, 0])
+
+
+def remap_pvt(sd):
+    """Official PVT / LocalViT-PVT: patch_embed<i>, pos_embed<i>, block<i> -> stages.<i-1>."""
+    stage = lambda m: f'stages.{int(m[1]) - 1}.'
+    return rename_keys(sd, [(r'patch_embed(\d)\.', lambda m: stage(m) + 'patch_embed.'),
+                            (r'pos_embed(\d)$', lambda m: stage(m) + 'pos_embed'),
+                            (r'block(\d)\.', lambda m: stage(m) + 'blocks.')])
+
+
+# --- Swin (Liu et al. 2021): attention in shifted windows -----------------------------------------
+# Attention runs inside non-overlapping ws x ws windows, plus a learned bias per relative position.
+# Every second block first rolls the map by ws/2, and a mask (-100, as the reference) keeps apart
+# the tokens that were not neighbours before the roll. Stages end in patch merging (2x2 -> 4C ->
+# 2C); the head reads the mean token. A stage whose grid is no larger than the window (the last
+# one at 224 px) is not shifted. Grids the window does not divide are zero-padded and the padded
+# keys masked, so any size works; unlike the reference, a grid smaller than the window keeps the
+# window size (and its bias table, so one checkpoint loads at every size) instead of shrinking it.
+# LayerNorm eps 1e-5. LocalViT-Swin: LFF(γ 4, SE width 16: reduction = dim / 4) in every block.
+
+
+def relative_position_index(ws):
+    """Row of the (2ws-1)^2 bias table for query i and key j of a window: by pos_i - pos_j."""
+    rows, cols = torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing='ij')
+    dy = rows.flatten()[:, None] - rows.flatten()[None, :] + ws - 1    # 0 .. 2ws-2
+    dx = cols.flatten()[:, None] - cols.flatten()[None, :] + ws - 1
+    return dy * (2 * ws - 1) + dx
+
+
+def window_mask(h, w, ws, shift, device=None):
+    """Additive mask (windows, 1, ws*ws, ws*ws) for the padded and rolled h x w map, or None when
+    nothing is masked. The rows and columns that wrap around in the roll form their own regions;
+    padding is region -1; a query sees only the keys of its own region."""
+    hp, wp = h + -h % ws, w + -w % ws
+    if shift == 0 and (hp, wp) == (h, w):
+        return None
+    rows, cols = torch.arange(hp, device=device), torch.arange(wp, device=device)
+    region = 2 * (rows < shift)[:, None] + (cols < shift)[None, :]
+    region = region.masked_fill((rows >= h)[:, None] | (cols >= w)[None, :], -1)
+    region = rearrange(torch.roll(region, (-shift, -shift), (0, 1)), '(m i) (n j) -> (m n) (i j)',
+                       i=ws, j=ws)
+    return (region[:, :, None] != region[:, None, :]).float()[:, None] * -100.0
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim, num_heads, window_size=7, shift_size=0, qkv_bias=True):
+        super().__init__()
+        self.num_heads, self.window_size, self.shift_size = num_heads, window_size, shift_size
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer('relative_position_index', relative_position_index(window_size),
+                             persistent=False)
+
+    def forward(self, x, grid):                 # (B, h*w, C) -> (B, h*w, C)
+        (h, w), ws, s = grid, self.window_size, self.shift_size
+        qkv = rearrange(self.qkv(x), 'b (h w) c -> b h w c', h=h)
+        qkv = F.pad(qkv, (0, 0, 0, -w % ws, 0, -h % ws))           # padding: q = k = v = 0
+        qkv = torch.roll(qkv, (-s, -s), dims=(1, 2))
+        m, n = qkv.shape[1] // ws, qkv.shape[2] // ws               # windows down, across
+        # windows and heads share one batch axis: 4-d tensors, as SDPA's fused kernels want
+        q, k, v = rearrange(qkv, 'b (m i) (n j) (three h d) -> three b (m n h) (i j) d',
+                            i=ws, j=ws, three=3, h=self.num_heads)
+        bias = self.relative_position_bias_table[self.relative_position_index]     # (N, N, H)
+        mask = window_mask(h, w, ws, s, x.device)                   # (windows, 1, N, N) or None
+        bias = rearrange(bias, 'i j h -> 1 h i j') + (0 if mask is None else mask)
+        bias = rearrange(bias.expand(m * n, -1, -1, -1), 'w h i j -> (w h) i j')
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        out = rearrange(out, 'b (m n h) (i j) d -> b (m i) (n j) (h d)', m=m, n=n, i=ws)
+        out = torch.roll(out, (s, s), dims=(1, 2))[:, :h, :w]
+        return self.proj(rearrange(out, 'b h w c -> b (h w) c'))
+
+
+class PatchMerging(nn.Module):
+    """2 x 2 neighbouring tokens -> one token of 4C channels -> LayerNorm -> Linear to 2C."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x, grid):                 # (B, h*w, C) -> (B, h/2 * w/2, 2C)
+        h, w = grid                             # an odd side is zero-padded
+        x = F.pad(rearrange(x, 'b (h w) c -> b h w c', h=h), (0, 0, 0, w % 2, 0, h % 2))
+        # channels: the neighbours (row, col) in the order (0,0) (1,0) (0,1) (1,1)
+        x = rearrange(x, 'b (h i) (w j) c -> b (h w) (j i c)', i=2, j=2)
+        return self.reduction(self.norm(x)), ((h + 1) // 2, (w + 1) // 2)
+
+
+class SwinStage(nn.Module):
+    def __init__(self, dim, grid, num_heads, window_size, mlp_ratio, qkv_bias, drop_paths, ffn,
+                 downsample):
+        super().__init__()
+        shift = window_size // 2 if min(grid) > window_size else 0     # the reference's rule
+        self.blocks = nn.ModuleList([
+            Block(dim, num_heads, mlp_ratio, drop_path=p, ffn=ffn, act=ffn_act(ffn),
+                  reduction=dim // 4, norm_eps=1e-5, attn=WindowAttention(
+                      dim, num_heads, window_size, shift if i % 2 else 0, qkv_bias))
+            for i, p in enumerate(drop_paths)])
+        self.downsample = PatchMerging(dim) if downsample else None
+
+
+class Swin(Backbone):
+    def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96,
+                 depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4.0,
+                 qkv_bias=True, drop_path=0.0, ffn='mlp'):
+        super().__init__()
+        self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
+        if any(s % patch_size for s in self.img_size):
+            raise ValueError(f'img_size {self.img_size} is not divisible by patch_size '
+                             f'{patch_size}')
+        self.patch_embed = NormedPatchEmbed(patch_size, in_chans, embed_dim)
+        grid = tuple(s // patch_size for s in self.img_size)
+        dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        for i in range(len(depths)):
+            last, drop_paths = i == len(depths) - 1, dpr[sum(depths[:i]):sum(depths[:i + 1])]
+            self.stages.append(SwinStage(embed_dim * 2 ** i, grid, num_heads[i], window_size,
+                                         mlp_ratio, qkv_bias, drop_paths, ffn, downsample=not last))
+            grid = grid if last else ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
+        self.grid, dim = grid, embed_dim * 2 ** (len(depths) - 1)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.apply(init_deit)
+        for m in self.modules():
+            if isinstance(m, WindowAttention):
+                nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+
+    def forward_features(self, x, return_layers=False):
+        """Tokens after the final norm (B, h*w, C), no class token; with return_layers, also the
+        last stage's [input, block outputs] (before the final norm)."""
+        self.check_input(x)
+        x, grid = self.patch_embed(x)
+        for stage in self.stages:
+            layers = [x]
+            for block in stage.blocks:
+                x = block(x, grid)
+                layers.append(x)
+            if stage.downsample is not None:
+                x, grid = stage.downsample(x, grid)
+        x = self.norm(x)
+        return (x, layers) if return_layers else x
+
+    def forward_head(self, x):
+        return self.head(x.mean(dim=1))
+
+
+def remap_swin(sd):
+    """Official Swin / LocalViT-Swin: layers.<i> -> stages.<i>. Its attn_mask and
+    relative_position_index buffers are dropped: we rebuild both from the grid and the window."""
+    sd = {k: v for k, v in sd.items() if not k.endswith(('.attn_mask', '.relative_position_index'))}
+    return rename_keys(sd, [(r'layers\.', 'stages.')])
+
+
+# --- TNT (Han et al. 2021): a transformer inside every patch --------------------------------------
+# Each 16 x 16 patch is also a sequence of p x p "pixel" tokens (width in_dim, from a 7x7 stride-4
+# convolution). A block runs an inner transformer over the pixels of each patch, adds the pixels
+# (flattened, normed, projected) to their patch token (the class token gets none), then runs the
+# outer transformer over the patches. LocalViT-TNT replaces only the outer MLP (LFF γ 4, SE
+# width 4: reduction = dim). The reference's separate qk and v Linears are the rows of our one
+# qkv. LayerNorm eps 1e-5.
+
+
+class TNTBlock(nn.Module):
+    def __init__(self, dim, in_dim, num_pixel, num_heads, in_num_heads, mlp_ratio, qkv_bias,
+                 drop_path, ffn):
+        super().__init__()
+        self.inner = Block(in_dim, in_num_heads, 4.0, qkv_bias, drop_path, norm_eps=1e-5)
+        self.pixel_norm = nn.LayerNorm(in_dim)
+        self.pixel_proj = nn.Linear(num_pixel * in_dim, dim)
+        self.outer = Block(dim, num_heads, mlp_ratio, qkv_bias, drop_path, ffn=ffn,
+                           act=ffn_act(ffn), reduction=dim, norm_eps=1e-5)
+
+    def forward(self, pixels, patches, grid):   # (B*h*w, p*p, c), (B, 1 + h*w, C)
+        pixels = self.inner(pixels, None)
+        info = rearrange(self.pixel_norm(pixels), '(b n) p c -> b n (p c)', b=patches.shape[0])
+        patches = torch.cat([patches[:, :1], patches[:, 1:] + self.pixel_proj(info)], dim=1)
+        return pixels, self.outer(patches, grid)
+
+
+class TNT(Backbone):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=192,
+                 in_dim=12, depth=12, num_heads=3, in_num_heads=3, mlp_ratio=4.0, qkv_bias=False,
+                 first_stride=4, drop_path=0.0, ffn='mlp'):
+        super().__init__()
+        self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
+        if any(s % patch_size for s in self.img_size) or patch_size % first_stride:
+            raise ValueError(f'TNT needs img_size {self.img_size} divisible by patch_size '
+                             f'{patch_size}, and patch_size by first_stride {first_stride}')
+        self.grid = tuple(s // patch_size for s in self.img_size)
+        self.pixel_size = p = patch_size // first_stride    # a patch is p x p pixel tokens
+        self.pixel_embed = nn.Conv2d(in_chans, in_dim, 7, stride=first_stride, padding=3)
+        self.pixel_pos = nn.Parameter(torch.zeros(1, p * p, in_dim))
+        self.pixel_norm = nn.LayerNorm(p * p * in_dim)
+        self.pixel_proj = nn.Linear(p * p * in_dim, embed_dim)
+        self.patch_norm = nn.LayerNorm(embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.patch_pos = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
+        self.blocks = nn.ModuleList([
+            TNTBlock(embed_dim, in_dim, p * p, num_heads, in_num_heads, mlp_ratio, qkv_bias, dp,
+                     ffn) for dp in torch.linspace(0, drop_path, depth).tolist()])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.apply(init_deit)
+        for t in (self.cls_token, self.patch_pos, self.pixel_pos):
+            nn.init.trunc_normal_(t, std=0.02)
+
+    def pos_embed_grids(self, grid=None):       # pixel_pos does not depend on the image size
+        return {'patch_pos': (1, tuple(grid or self.grid))}
+
+    def forward_features(self, x, return_layers=False):
+        """Patch tokens after the final norm (B, 1 + h*w, C), class token first; with
+        return_layers, also [embedding, outer block outputs] (before the final norm)."""
+        self.check_input(x)
+        p = self.pixel_size
+        pixels = rearrange(self.pixel_embed(x), 'b c (h i) (w j) -> (b h w) (i j) c', i=p, j=p)
+        pixels = pixels + self.pixel_pos
+        patches = rearrange(pixels, '(b n) p c -> b n (p c)', b=x.shape[0])
+        patches = self.patch_norm(self.pixel_proj(self.pixel_norm(patches)))
+        patches = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), patches], dim=1)
+        patches = patches + self.patch_pos
+        layers = [patches]
+        for block in self.blocks:
+            pixels, patches = block(pixels, patches, self.grid)
+            layers.append(patches)
+        x = self.norm(patches)
+        return (x, layers) if return_layers else x
+
+    def forward_head(self, x):
+        return self.head(x[:, 0])
+
+
+def remap_tnt(sd):
+    """Official TNT / LocalViT-TNT: the pixel and patch embeddings and the inner/outer halves of a
+    block get our names; pixel_pos (1, c, p, p) -> (1, p*p, c); qk and v fuse into one qkv."""
+    block = {'norm_in': 'inner.norm1', 'attn_in': 'inner.attn', 'norm_mlp_in': 'inner.norm2',
+             'mlp_in': 'inner.mlp', 'norm1_proj': 'pixel_norm', 'proj': 'pixel_proj',
+             'norm_out': 'outer.norm1', 'attn_out': 'outer.attn', 'norm_mlp': 'outer.norm2',
+             'mlp': 'outer.mlp', 'conv': 'outer.conv'}           # conv: LocalViT's LFF
+    sd = rename_keys(sd, [(r'pixel_embed\.proj\.', 'pixel_embed.'), (r'proj\.', 'pixel_proj.'),
+                          (r'norm1_proj\.', 'pixel_norm.'), (r'norm2_proj\.', 'patch_norm.')] +
+                     [(rf'(blocks\.\d+)\.{old}\.', rf'\1.{new}.') for old, new in block.items()])
+    sd['pixel_pos'] = rearrange(sd['pixel_pos'], '1 c i j -> 1 (i j) c')
+    for k in [k for k in sd if k.endswith(('.qk.weight', '.qk.bias'))]:
+        sd[k.replace('.qk.', '.qkv.')] = torch.cat([sd.pop(k), sd.pop(k.replace('.qk.', '.v.'))])
+    return sd
+
+
+# --- T2T-ViT (Yuan et al. 2021): tokens-to-token ------------------------------------------------
+# The tokens-to-token module soft-splits the image into overlapping 7x7 patches (stride 4), re-
+# structures them with a one-head performer layer (width token_dim), folds them back into a map,
+# and repeats with 3x3 patches (stride 2) twice: grid H/16. Then a plain ViT with a class token
+# and a frozen sinusoid position table. Performer: softmax(q k^T) ≈ φ(q) φ(k)^T with m =
+# token_dim/2 random features φ(x) = exp(ωx - |x|²/2)/√m, ω frozen (orthogonal rows x √m);
+# the width changes, so v is the skip: y = v + proj(attention). LocalViT-T2T: LFF in every
+# block (γ = MLP ratio, SE width 4: reduction 128), and in the performers an LFF (γ 1, h-swish,
+# no SE) replaces norm2 + MLP. LayerNorm eps 1e-5.
+
+SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))   # (kernel, stride, padding): grids H/4, /8, /16
+
+
+def soft_split(x, kernel, stride, padding):
+    """Overlapping k x k patches of a map as tokens (B, h*w, C*k*k), channel-major, and the grid."""
+    grid = tuple((s + 2 * padding - kernel) // stride + 1 for s in x.shape[-2:])
+    patches = F.unfold(x, kernel, padding=padding, stride=stride)     # (B, C*k*k, h*w)
+    return rearrange(patches, 'b ckk n -> b n ckk'), grid
+
+
+def sinusoid_table(n, dim):
+    """The Transformer's fixed position table (1, n, dim): sin on even, cos on odd channels."""
+    j = torch.arange(dim)
+    angle = torch.arange(n, dtype=torch.float64)[:, None] / 10000 ** (2 * (j // 2) / dim)
+    return torch.where(j % 2 == 0, angle.sin(), angle.cos()).float()[None]
+
+
+class TokenPerformer(nn.Module):
+    def __init__(self, dim, token_dim, ffn='mlp', kernel_ratio=0.5, drop=0.1):
+        super().__init__()
+        m = int(token_dim * kernel_ratio)
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * token_dim)
+        self.proj = nn.Linear(token_dim, token_dim)
+        omega = nn.init.orthogonal_(torch.empty(m, token_dim)) * math.sqrt(m)
+        self.random_features = nn.Parameter(omega, requires_grad=False)
+        self.drop = nn.Dropout(drop)            # 0.1, hard-coded in the reference
+        if ffn == 'lff':
+            self.lff = LocalityFeedForward(token_dim, 1.0, 'hswish', None)
+        else:
+            self.norm2 = nn.LayerNorm(token_dim)
+            self.mlp = Mlp(token_dim, token_dim)
+
+    def phi(self, x):                           # (B, T, d) -> (B, T, m)
+        w = self.random_features
+        return torch.exp(x @ w.T - x.pow(2).sum(-1, keepdim=True) / 2) / math.sqrt(w.shape[0])
+
+    def forward(self, x, grid):                 # (B, T, dim) -> (B, T, token_dim)
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        qp, kp = self.phi(q), self.phi(k)
+        out = (qp @ (kp.transpose(1, 2) @ v)) / (qp @ kp.sum(dim=1)[:, :, None] + 1e-8)
+        x = v + self.drop(self.proj(out))
+        if hasattr(self, 'lff'):
+            return self.lff(x, grid)
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class TokensToToken(nn.Module):
+    def __init__(self, in_chans, token_dim, embed_dim, ffn):
+        super().__init__()
+        self.performer1 = TokenPerformer(in_chans * 7 * 7, token_dim, ffn)
+        self.performer2 = TokenPerformer(token_dim * 3 * 3, token_dim, ffn)
+        self.project = nn.Linear(token_dim * 3 * 3, embed_dim)
+
+    def forward(self, x):                       # (B, C, H, W) -> (B, h*w, D), (h, w)
+        x, grid = soft_split(x, *SOFT_SPLITS[0])
+        for performer, split in zip([self.performer1, self.performer2], SOFT_SPLITS[1:]):
+            x, grid = soft_split(seq2img(performer(x, grid), grid), *split)
+        return self.project(x), grid
+
+
+class T2TViT(Backbone):
+    def __init__(self, img_size=224, in_chans=3, num_classes=1000, embed_dim=256, depth=7,
+                 num_heads=4, mlp_ratio=2.0, token_dim=64, qkv_bias=False, drop_path=0.0,
+                 ffn='mlp', reduction=128):
+        super().__init__()
+        self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
+        self.grid = self.img_size
+        for kernel, stride, padding in SOFT_SPLITS:          # the grid after the soft splits
+            self.grid = tuple((s + 2 * padding - kernel) // stride + 1 for s in self.grid)
+        self.tokens_to_token = TokensToToken(in_chans, token_dim, embed_dim, ffn)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(sinusoid_table(1 + self.grid[0] * self.grid[1], embed_dim),
+                                      requires_grad=False)
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dp, ffn=ffn, act=ffn_act(ffn),
+                  reduction=reduction, norm_eps=1e-5)
+            for dp in torch.linspace(0, drop_path, depth).tolist()])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.apply(init_deit)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def pos_embed_grids(self, grid=None):       # a fixed function of the grid: no resizing needed
+        return {'pos_embed': None}
+
+    def forward_features(self, x, return_layers=False):
+        """Tokens after the final norm (B, 1 + h*w, C), class token first; with return_layers,
+        also [embedding, block outputs] (before the final norm)."""
+        self.check_input(x)
+        x, grid = self.tokens_to_token(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        layers = [x]
+        for block in self.blocks:
+            x = block(x, grid)
+            layers.append(x)
+        x = self.norm(x)
+        return (x, layers) if return_layers else x
+
+    def forward_head(self, x):
+        return self.head(x[:, 0])
+
+
+def remap_t2t(sd):
+    """Official T2T-ViT / LocalViT-T2T: tokens_to_token.attention<i> -> performer<i>, w ->
+    random_features, kqv -> qkv (rows reordered: the reference splits k, q, v)."""
+    import re
+    # LocalViT-T2T's performers still create norm2, but their LFF replaces norm2 + MLP: unused
+    with_lff = {k.split('.conv.conv.')[0] for k in sd if '.conv.conv.' in k}
+    sd = {k: v for k, v in sd.items() if not (
+        re.fullmatch(r'(.*)\.norm2\.(weight|bias)', k) and k.rsplit('.norm2.', 1)[0] in with_lff)}
+    p = r'tokens_to_token\.attention(\d)\.'
+    sd = rename_keys(sd, [(p + r'kqv\.', r'tokens_to_token.performer\1.qkv.'),
+                          (p + r'w$', r'tokens_to_token.performer\1.random_features'),
+                          (p + r'mlp\.0\.', r'tokens_to_token.performer\1.mlp.fc1.'),
+                          (p + r'mlp\.2\.', r'tokens_to_token.performer\1.mlp.fc2.'),
+                          (p, r'tokens_to_token.performer\1.')])
+    for k in [k for k in sd if k.startswith('tokens_to_token.') and '.qkv.' in k]:
+        key, query, value = sd[k].chunk(3)
+        sd[k] = torch.cat([query, key, value])
+    return sd
+
+
+# ==================================================================================================
+# 8. Suppressing over-smoothing: patch diversification (Gong et al. 2021)
 #    With depth, the patch tokens of one image become nearly parallel ("over-smoothing"): their
 #    mean pairwise |cosine| climbs towards 1 (≈ 0.9 in the last layer of a 24-layer DeiT-B).
 #    Three losses, added to the usual one, keep the last layer's patches h^L apart:
@@ -791,7 +1334,7 @@ def region_mixing_loss(head, patches, patch_labels, mask, label_smoothing=0.0):
 
 
 # ==================================================================================================
-# 8. Model zoo: names -> configurations (the papers' published models)
+# 9. Model zoo: names -> configurations (the papers' published models)
 # ==================================================================================================
 
 def _vit(**cfg):
@@ -802,6 +1345,13 @@ _CONVIT = dict(local_up_to_layer=10, qkv_bias=False)
 _LOCALVIT = dict(ffn='lff', act='hswish', channel_attn='se')
 _PYCLS = dict(init='pycls')
 _STEM_18GF = dict(stem_channels=(64, 128, 128, 256, 256, 512), stem_strides=(2, 2, 1, 2, 1, 2))
+_PVT_T = dict(patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8),
+              mlp_ratios=(8, 8, 4, 4), depths=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1), qkv_bias=True)
+_SWIN_T = dict(patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+               window_size=7, mlp_ratio=4.0, qkv_bias=True)
+_TNT_T = dict(patch_size=16, embed_dim=192, in_dim=12, depth=12, num_heads=3, in_num_heads=3,
+              mlp_ratio=4.0, qkv_bias=False, first_stride=4)
+_T2T_7 = dict(embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0, token_dim=64, qkv_bias=False)
 
 MODELS = {
     # DeiT (Touvron et al. 2021); S24/B24 are the deeper models of the over-smoothing paper
@@ -835,6 +1385,11 @@ MODELS = {
     'vit_c_18gf': _vit(embed_dim=768, depth=11, num_heads=12, **_PYCLS, **_STEM_18GF),
     'vit_p_36gf': _vit(embed_dim=1024, depth=14, num_heads=16, **_PYCLS),
     'vit_c_36gf': _vit(embed_dim=1024, depth=13, num_heads=16, **_PYCLS, **_STEM_18GF),
+    # LocalViT beyond DeiT (section 7): each backbone with its MLP, and with LocalViT's LFF
+    'pvt_t': (PVT, _PVT_T), 'localvit_pvt_t': (PVT, dict(_PVT_T, ffn='lff')),
+    'swin_t': (Swin, _SWIN_T), 'localvit_swin_t': (Swin, dict(_SWIN_T, ffn='lff')),
+    'tnt_t': (TNT, _TNT_T), 'localvit_tnt_t': (TNT, dict(_TNT_T, ffn='lff')),
+    't2t_vit_7': (T2TViT, _T2T_7), 'localvit_t2t_7': (T2TViT, dict(_T2T_7, ffn='lff', reduction=128)),
 }
 
 
@@ -869,8 +1424,9 @@ def create_model(name, **overrides):
 
 
 # ==================================================================================================
-# 9. Checkpoints: ours, timm's (DeiT, ConViT: the same key names as ours), the official LocalViT
-#    release ('conv.conv.<i>' for the locality feed-forward) and pycls (ViT_P / ViT_C), inside a
+# 10. Checkpoints: ours, timm's (DeiT, ConViT: the same key names as ours), the official LocalViT
+#    release ('conv.conv.<i>' for the locality feed-forward; its PVT, Swin, TNT and T2T-ViT
+#    layouts through section 7's remap_*) and pycls (ViT_P / ViT_C), inside a
 #    {'model': ...} / {'model_state': ...} / {'state_dict': ...} wrapper or not.
 # ==================================================================================================
 
@@ -965,6 +1521,15 @@ def to_our_keys(sd):
     sd = {k.removeprefix('module.').replace('_orig_mod.', ''): v for k, v in sd.items()}
     if any(k.startswith(('encoder.block_', 'stem.')) for k in sd) or 'class_token' in sd:
         return remap_pycls(sd)
+    # section 7's backbones in the official LocalViT repo's layout (its LFFs are mapped below)
+    if 'patch_embed1.proj.weight' in sd:
+        sd = remap_pvt(sd)
+    elif any(k.startswith('layers.0.blocks.') for k in sd):
+        sd = remap_swin(sd)
+    elif 'pixel_embed.proj.weight' in sd:
+        sd = remap_tnt(sd)
+    elif any(k.startswith('tokens_to_token.attention') for k in sd):
+        sd = remap_t2t(sd)
     if any('.conv.conv.' in k for k in sd):
         return remap_localvit(sd)
     return sd
@@ -986,7 +1551,8 @@ def resize_pos_embed(pos, n_prefix, new_grid, old_grid=None):
 
 def describe_state_dict(sd):
     """A one-line summary of a (our-keys) state dict, for mismatch messages."""
-    blocks = {int(k.split('.')[1]) for k in sd if k.startswith('blocks.')}
+    import re
+    blocks = {m[0] for m in (re.match(r'(.*\.)?blocks\.\d+\.', k) for k in sd) if m}  # stages' too
     gpsa = {int(k.split('.')[1]) for k in sd if k.endswith('attn.gating_param')}
     width = sd['norm.weight'].shape[0] if 'norm.weight' in sd else '?'
     parts = [f'{len(blocks)} blocks', f'width {width}']
@@ -1005,7 +1571,8 @@ def load_checkpoint(model, checkpoint, weights='model', skip_head=False, strict=
     """Load a path or a state dict into `model`, in any format above, detected by its keys.
 
     At another resolution, the position embedding is interpolated to the model's grid (GPSA
-    rebuilds its relative positions by itself). weights='ema' picks our EMA weights.
+    rebuilds its relative positions by itself; section 7's models: those of pos_embed_grids).
+    weights='ema' picks our EMA weights.
     skip_head=True keeps the model's own classifier (fine-tuning on another class count).
     Any mismatch raises ValueError saying what was expected and what was found."""
     obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
@@ -1025,6 +1592,12 @@ def load_checkpoint(model, checkpoint, weights='model', skip_head=False, strict=
                          f'{sd["head.weight"].shape[0]}, or load with skip_head=True to fine-tune')
     missing = [k for k in own if k not in sd and not (skip_head and k.startswith('head.'))]
     unexpected = [k for k in sd if k not in own]
+    if not (missing or unexpected) and hasattr(model, 'pos_embed_grids'):   # section 7's models
+        old_grids = model.pos_embed_grids(ckpt_grid) if ckpt_grid else {}
+        for key, new in model.pos_embed_grids().items():
+            if sd[key].shape != own[key].shape:                             # another resolution
+                sd[key] = own[key] if new is None else resize_pos_embed(    # None: a fixed table
+                    sd[key], *new, old_grids[key][1] if key in old_grids else None)
     if not (missing or unexpected) and 'pos_embed' in sd and hasattr(model, 'grid') \
             and sd['pos_embed'].shape[1] != own['pos_embed'].shape[1]:     # another resolution
         n_prefix = own['pos_embed'].shape[1] - model.grid[0] * model.grid[1]
@@ -1041,7 +1614,7 @@ def load_checkpoint(model, checkpoint, weights='model', skip_head=False, strict=
 
 
 # ==================================================================================================
-# 10. Measuring: parameters and multiply-accumulates (matmuls and convolutions, attention included)
+# 11. Measuring: parameters and multiply-accumulates (matmuls and convolutions, attention included)
 # ==================================================================================================
 
 
