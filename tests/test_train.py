@@ -88,7 +88,7 @@ def test_two_ranks_equal_one_process_on_the_joint_batch(tmp_path, arch, accum):
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     args = ['--arch', 'convit_t', '--depth', '2', '--embed-dim', '48', '--num-heads', '3',
             '--local-up-to-layer', '1', '--epochs', '2', '--synthetic-train', '480',
-            '--synthetic-val', '64', '--batch-size', '16', '--ema', '--ema-decay', '0.9',
+            '--synthetic-val', '64', '--batch-size', '16', '--ema', '--ema-decay', '0.9', '--drop-path', '0.1',
             '--no-progress']                  # default workers, drop_path and augmentations on
     run_train(args + ['--out', str(tmp_path / 'full')], tmp_path)
 
