@@ -52,6 +52,12 @@ class Config:
     locality_strength: float = None
     local_init: bool = None
     talking_heads: bool = None
+    stem_channels: str = None               # "24,48,96,192": a conv stem (ViT_C) on any ViT
+    stem_strides: str = None                # "2,2,2,2"
+    ffn: str = None                         # mlp | lff (LocalViT's locality feed-forward)
+    act: str = None                         # gelu | hswish | relu6
+    channel_attn: str = None                # se | eca | none (inside the LFF)
+    reduction: int = None                   # SE bottleneck: expanded width / reduction
     # data
     data: str = 'synthetic'                 # synthetic | cifar10 | cifar100 | folder
     data_path: str = None
@@ -114,7 +120,8 @@ DATA_DEFAULTS = {
 }
 MODEL_FIELDS = ('img_size', 'patch_size', 'drop_path', 'embed_dim', 'depth', 'num_heads',
                 'mlp_ratio', 'local_up_to_layer', 'locality_strength', 'local_init',
-                'talking_heads')
+                'talking_heads', 'stem_channels', 'stem_strides', 'ffn', 'act', 'channel_attn',
+                'reduction')
 
 
 class TrainError(Exception):
@@ -462,9 +469,23 @@ def build_batch_mix(cfg, num_classes):
 # embeddings and class tokens; a per-step linear warmup then a cosine decay.
 # ==================================================================================================
 
-def build_model(cfg, num_classes):
+def model_overrides(cfg):
+    """The model flags that were set, as create_model overrides ("24,48" -> (24, 48))."""
     overrides = {k: getattr(cfg, k) for k in MODEL_FIELDS if getattr(cfg, k) is not None}
-    return locvit.create_model(cfg.arch, num_classes=num_classes, **overrides)
+    for k in ('stem_channels', 'stem_strides'):
+        if k in overrides:
+            try:
+                overrides[k] = tuple(int(v) for v in str(overrides[k]).split(','))
+            except ValueError:
+                raise TrainError(f'--{k.replace("_", "-")} takes integers separated by commas, '
+                                 f'e.g. 24,48,96,192; got {overrides[k]!r}') from None
+    if overrides.get('channel_attn') == 'none':
+        overrides['channel_attn'] = None
+    return overrides
+
+
+def build_model(cfg, num_classes):
+    return locvit.create_model(cfg.arch, num_classes=num_classes, **model_overrides(cfg))
 
 
 def check_arch(cfg, given):
