@@ -180,6 +180,10 @@ def setup_distributed():
         return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    # torch._dynamo (torchvision's transforms import it) keeps alive any process group that exists
+    # when it is first imported, past destroy_process_group; a gloo group alive at exit now and
+    # then aborts the process ("terminate called without an active exception"). Import it first.
+    from torch import _dynamo  # noqa: F401
     if torch.cuda.is_available():
         device = torch.device('cuda', local_rank)
         torch.cuda.set_device(device)
@@ -335,24 +339,40 @@ def build_transforms(cfg, train):
 
 def build_datasets(cfg):
     """-> (train set, val set, class names), with --num-classes and --data-fraction applied."""
-    t_train, t_val = build_transforms(cfg, True), build_transforms(cfg, False)
+    train, val = build_split(cfg, 'train'), build_split(cfg, 'val')
+    classes = first_classes(cfg, train.classes)
+    return select(train, len(classes), cfg.data_fraction), select(val, len(classes), 1.0), classes
+
+
+def build_val_set(cfg):
+    """-> (val set, class names): the validation data alone, as build_datasets makes it, without
+    reading the training images (evaluate.py)."""
+    val = build_split(cfg, 'val')
+    classes = first_classes(cfg, val.classes)
+    return select(val, len(classes), 1.0), classes
+
+
+def build_split(cfg, split):
+    """One split ('train' or 'val') of the data, with its transforms."""
+    is_train = split == 'train'
+    transform = build_transforms(cfg, is_train)
     if cfg.data == 'synthetic':
-        k = cfg.num_classes
-        train = SyntheticShapes(cfg.img_size, cfg.synthetic_train, k, cfg.seed, t_train)
-        val = SyntheticShapes(cfg.img_size, cfg.synthetic_val, k, cfg.seed + 1, t_val)
-    elif cfg.data.startswith('cifar'):
-        train, val = cifar(cfg, True, t_train), cifar(cfg, False, t_val)
-    else:
-        train, val = image_folder(cfg, 'train', t_train), image_folder(cfg, 'val', t_val)
-    classes = list(train.classes)
+        return SyntheticShapes(cfg.img_size, cfg.synthetic_train if is_train else cfg.synthetic_val,
+                               cfg.num_classes, cfg.seed + (not is_train), transform)
+    if cfg.data.startswith('cifar'):
+        return cifar(cfg, is_train, transform)
+    return image_folder(cfg, split, transform)
+
+
+def first_classes(cfg, classes):
+    """The class names the run uses: all, or the first --num-classes (sorted order)."""
+    classes = list(classes)
     if cfg.num_classes is not None and cfg.data != 'synthetic':
         if not 1 <= cfg.num_classes <= len(classes):
             raise TrainError(f'--num-classes {cfg.num_classes}: the data has {len(classes)} '
                              f'classes; choose a number from 1 to {len(classes)}')
         classes = classes[:cfg.num_classes]
-    train = select(train, len(classes), cfg.data_fraction)
-    val = select(val, len(classes), 1.0)
-    return train, val, classes
+    return classes
 
 
 def select(dataset, num_classes, fraction):
@@ -436,7 +456,6 @@ class ShardSampler(Sampler):
 
 
 def build_loaders(cfg, train_set, val_set, rank, world, device):
-    workers = cfg.workers if cfg.workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
     if cfg.repeated_aug > 1:
         sampler = RepeatAugSampler(len(train_set), world, rank, cfg.repeated_aug, cfg.seed)
     else:
@@ -444,13 +463,24 @@ def build_loaders(cfg, train_set, val_set, rank, world, device):
         sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
     # workers restart every epoch and take their seeds from torch's generator, so a resumed run
     # (which restores that generator) draws the same augmentations as an uninterrupted one
-    common = dict(num_workers=workers, pin_memory=device.type == 'cuda')
-    train = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, **common)
-    val = DataLoader(val_set, cfg.batch_size, sampler=ShardSampler(len(val_set), world, rank), **common)
+    train = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True,
+                       **loader_options(cfg, device))
+    val = build_val_loader(cfg, val_set, rank, world, device)
     if len(train) == 0:
         raise TrainError(f'the training set has {len(train_set)} images, fewer than one batch per '
                          f'process ({cfg.batch_size} x {world} processes); lower --batch-size')
     return train, val
+
+
+def build_val_loader(cfg, val_set, rank, world, device):
+    """Rank r evaluates samples r, r + world, ...: evaluate() sums the counts, exact."""
+    return DataLoader(val_set, cfg.batch_size, sampler=ShardSampler(len(val_set), world, rank),
+                      **loader_options(cfg, device))
+
+
+def loader_options(cfg, device):
+    workers = cfg.workers if cfg.workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
+    return dict(num_workers=workers, pin_memory=device.type == 'cuda')
 
 
 def build_batch_mix(cfg, num_classes):

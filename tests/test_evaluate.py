@@ -1,0 +1,328 @@
+"""evaluate.py: official and our checkpoints load through the command line's path and give the
+reference logits; accuracy is exact on any number of processes; the analysis measures what it
+says, from each block's real input; pictures, JSON and the benchmark table are made; bad input
+gets one clear line."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import locvit
+import train
+from conftest import ROOT, fixture
+from test_backbones import FIXTURE_MODELS
+from test_checkpoints import FIXTURES
+
+REFERENCE_FIXTURES = {**FIXTURES, **FIXTURE_MODELS}      # fixture -> (arch, overrides)
+TINY_CONVIT = ['--arch', 'convit_t', '--depth', '3', '--embed-dim', '48', '--num-heads', '4',
+               '--local-up-to-layer', '2']
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+
+
+def released_layout(name, state_dict):
+    """The file layout each reference was released in: pycls {'model_state': ...}, LocalViT
+    (and its PVT, Swin, TNT, T2T) {'model': ...}, timm a bare state dict."""
+    if name.startswith('vit_'):
+        return {'model_state': state_dict}
+    if name in ('deit', 'convit', 'convit_h9'):
+        return state_dict
+    return {'model': state_dict}
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    """A tiny ConViT trained for a few steps by train.py (with EMA), validated on 101 images."""
+    out = tmp_path_factory.mktemp('run')
+    result = subprocess.run(
+        [sys.executable, 'train.py', *TINY_CONVIT, '--epochs', '1', '--max-steps', '8',
+         '--synthetic-train', '256', '--synthetic-val', '101', '--batch-size', '32', '--ema',
+         '--ema-decay', '0.5', '--workers', '0', '--no-progress', '--out', str(out)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def accuracy_line(text):
+    m = re.search(r'top-1 ([\d.]+)%  top-5 ([\d.]+)%  loss ([\d.]+)  \((\d+) images\)', text)
+    assert m, text
+    return float(m[1]), float(m[2]), float(m[3]), int(m[4])
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: the official releases' files give the reference implementations' logits
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', sorted(REFERENCE_FIXTURES))
+def test_released_checkpoints_give_the_reference_logits(name, tmp_path):
+    fx = fixture(name)
+    arch, overrides = REFERENCE_FIXTURES[name]
+    torch.save(released_layout(name, fx['state_dict']), tmp_path / f'{name}.pth')
+    model, _ = evaluate.load_model(str(tmp_path / f'{name}.pth'), arch, **overrides)
+    assert not model.training and model.num_classes == 10      # read from the classifier
+    with torch.no_grad():
+        tokens = model.forward_features(fx['input'])
+        torch.testing.assert_close(model.forward_head(tokens), fx['logits'], atol=1e-5, rtol=1e-4)
+        if 'final_tokens' in fx:
+            torch.testing.assert_close(tokens, fx['final_tokens'], atol=1e-5, rtol=1e-4)
+
+
+def test_a_released_checkpoint_on_the_command_line(tmp_path, capsys):
+    """timm's DeiT layout, no arch inside: --arch and the model's options from the flags; the
+    image size follows the model (not the synthetic data's default)."""
+    torch.save(fixture('deit')['state_dict'], tmp_path / 'deit.pth')
+    stats = evaluate.main(['--checkpoint', str(tmp_path / 'deit.pth'), '--arch', 'deit_t',
+                           '--embed-dim', '24', '--depth', '3', '--num-heads', '3', '--img-size',
+                           '32', '--patch-size', '4', '--synthetic-val', '15', '--workers', '0'])
+    assert stats['count'] == 15 and 0 <= stats['top1'] <= 100
+    assert 'deit_t, model weights of' in capsys.readouterr().out
+
+
+def test_our_checkpoint_alone_rebuilds_the_run_and_another_resolution_loads(tiny_run, capsys):
+    model, ckpt = evaluate.load_model(tiny_run / 'last.pt')
+    assert model.arch == 'convit_t' and len(model.blocks) == 3 and model.grid == (8, 8)
+    ema, _ = evaluate.load_model(tiny_run / 'last.pt', weights='ema')
+    assert not torch.equal(ema.head.weight, model.head.weight)
+    bigger, _ = evaluate.load_model(tiny_run / 'last.pt', img_size=48)   # 12 x 12 patches
+    assert bigger.pos_embed.shape[1] == 144 and bigger.blocks[0].attn.rel_indices.shape[0] == 144
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.isfinite(bigger(x)).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Accuracy: 2 processes count every image once and agree with one process (and with train.py)
+# --------------------------------------------------------------------------------------------------
+
+def test_two_processes_agree_with_one_on_an_odd_sized_set(tiny_run, capsys):
+    ckpt = str(tiny_run / 'last.pt')
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                          '--nproc_per_node=2', 'evaluate.py', '--checkpoint', ckpt, '--workers', '0'],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert '2 process(es)' in two.stdout
+    one = evaluate.main(['--checkpoint', ckpt, '--workers', '0'])
+    top1, top5, loss, count = accuracy_line(two.stdout)
+    assert count == one['count'] == 101                             # odd: nothing padded
+    assert top1 == round(one['top1'], 3) and top5 == round(one['top5'], 3)
+    assert loss == pytest.approx(one['loss'], abs=1e-4)
+    logged = [json.loads(line) for line in open(tiny_run / 'log.jsonl')][-1]
+    assert logged['val_top1'] == pytest.approx(one['top1'], abs=1e-9)   # what train.py measured
+    assert logged['ema_top1'] == pytest.approx(
+        evaluate.main(['--checkpoint', ckpt, '--weights', 'ema', '--workers', '0'])['top1'], abs=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# Analysis: nonlocality by hand; every block reads its own input
+# --------------------------------------------------------------------------------------------------
+
+def test_nonlocality_of_known_maps_on_a_2x3_grid():
+    """Patches, row-major: (0,0) (0,1) (0,2) / (1,0) (1,1) (1,2)."""
+    grid, n = (2, 3), 6
+    itself = torch.eye(n)
+    following = torch.roll(torch.eye(n), 1, dims=1)      # patch i attends to patch i + 1 (mod 6)
+    uniform = torch.full((n, n), 1 / n)
+    d = evaluate.nonlocality(torch.stack([itself, following, uniform]), grid)
+    # i -> i+1: four steps of 1; (0,2) -> (1,0) and (1,2) -> (0,0) are sqrt(2² + 1²) = sqrt(5)
+    d_following = (4 + 2 * math.sqrt(5)) / 6
+    # uniform: each corner is 1, 1, 2, sqrt 2, sqrt 5 from the others, each middle 1, 1, 1,
+    # sqrt 2, sqrt 2: (4 (4 + sqrt 2 + sqrt 5) + 2 (3 + 2 sqrt 2)) / 36
+    d_uniform = (22 + 8 * math.sqrt(2) + 4 * math.sqrt(5)) / 36
+    torch.testing.assert_close(d, torch.tensor([0.0, d_following, d_uniform]))
+    assert evaluate.uniform_nonlocality(grid) == pytest.approx(d_uniform)
+    # a batch is averaged first: half itself, half the next patch
+    assert evaluate.nonlocality(torch.stack([itself, following])[:, None], grid).item() == \
+        pytest.approx(d_following / 2)
+    # a class token (index 0): patch rows give it half their weight; only patch keys count
+    with_cls = torch.zeros(1, n + 1, n + 1)
+    with_cls[0, 1:, 0] = 0.5
+    with_cls[0, 1:, 1:] = 0.5 * following
+    with_cls[0, 0, 1:] = 1 / n
+    assert evaluate.nonlocality(with_cls, grid).item() == pytest.approx(d_following)
+    assert evaluate.class_token_share(with_cls, grid).item() == pytest.approx(0.5)
+
+
+def test_every_block_reads_its_own_input_not_the_patch_embedding():
+    """The reference weights of the 'convit' fixture (perturbed, not the init): GPSA blocks 1-2,
+    then the class token joins and block 3 is MHSA."""
+    fx = fixture('convit')
+    arch, overrides = FIXTURES['convit']
+    model = locvit.create_model(arch, num_classes=10, **overrides)
+    locvit.load_checkpoint(model, fx['state_dict'])
+    model.eval()
+    images = fx['input']
+    real = evaluate.layer_attention_maps(model, images)
+    with torch.no_grad():
+        x, grid = model.embed(images)
+        embedding = x
+        by_hand = []                                      # the forward pass, block by block
+        for i, block in enumerate(model.blocks):
+            if i == model.cls_at:
+                x = torch.cat([model.cls_token.expand(len(x), -1, -1), x], dim=1)
+            by_hand.append(block.attn.attention_map(block.norm1(x), grid).mean(0))
+            x = block(x, grid)
+        # ConViT's reference (its issue #23): every GPSA block is fed the patch embedding
+        fed_embedding = [b.attn.attention_map(b.norm1(embedding), grid).mean(0)
+                         for b in model.blocks[:model.cls_at]]
+    assert [tuple(m.shape) for m in real] == [(4, 64, 64), (4, 64, 64), (4, 65, 65)]
+    for ours, hand in zip(real, by_hand):
+        torch.testing.assert_close(ours, hand)
+    d_real = [evaluate.nonlocality(m, grid) for m in real[:2]]
+    d_embedding = [evaluate.nonlocality(m, grid) for m in fed_embedding]
+    torch.testing.assert_close(d_real[0], d_embedding[0])          # block 1 reads the embedding
+    # block 2 does not: its maps and nonlocality differ far beyond rounding (~1e-6)
+    assert (real[1] - fed_embedding[1]).abs().max() > 1e-2
+    assert (d_real[1] - d_embedding[1]).abs().max() > 3e-3, (d_real[1], d_embedding[1])
+    result = evaluate.analyze(model, images)
+    assert result['nonlocality'][1] == pytest.approx(d_real[1].tolist())
+    assert result['attention'] == ['GPSA', 'GPSA', 'MHSA'] and result['gating'][2] is None
+    assert result['gating'][0] == pytest.approx(fx['state_dict']['blocks.0.attn.gating_param'].sigmoid().tolist())
+
+
+def test_the_kernels_of_the_convolutional_init_are_the_taps_of_a_3x3_convolution():
+    model = locvit.create_model('convit_t', img_size=40, patch_size=8, embed_dim=36, num_heads=9,
+                                depth=1, local_up_to_layer=1)
+    (block, kernels), = evaluate.positional_kernels(model)
+    assert block == 1 and kernels.shape == (9, 5, 5)
+    for h in range(9):                                    # head h = h1 + 3 h2: offset (h2-1, h1-1)
+        h1, h2 = h % 3, h // 3
+        row, col = divmod(int(kernels[h].argmax()), 5)
+        assert (col - 2, row - 2) == (h2 - 1, h1 - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pictures and JSON
+# --------------------------------------------------------------------------------------------------
+
+def open_png(path):
+    with Image.open(path) as img:
+        img.verify()                                      # a complete, valid PNG
+    img = Image.open(path)
+    assert img.format == 'PNG' and img.mode == 'RGB'
+    assert 200 <= img.width <= 4000 and 100 <= img.height <= 4000, img.size
+    colours = img.convert('RGB').getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 20           # more than a blank page
+    return img
+
+
+def test_analyze_on_the_command_line_writes_tables_json_and_pictures(tiny_run, tmp_path, capsys):
+    out = tmp_path / 'analysis'
+    evaluate.main(['--checkpoint', str(tiny_run / 'last.pt'), '--analyze', '--analyze-images', '8',
+                   '--workers', '0', '--out', str(out)])
+    printed = capsys.readouterr().out
+    assert '| layer | attention | nonlocality (mean) |' in printed and '| 3 | MHSA |' in printed
+    result = json.load(open(out / 'analysis.json'))
+    for key in ('arch', 'grid', 'images', 'blocks', 'attention', 'nonlocality', 'nonlocality_mean',
+                'nonlocality_uniform', 'class_token_share', 'gating', 'patch_similarity', 'notes',
+                'definitions', 'pictures'):
+        assert key in result, key
+    assert result['arch'] == 'convit_t' and result['images'] == 8 and result['grid'] == [8, 8]
+    assert len(result['nonlocality']) == 3 and len(result['nonlocality'][0]) == 4
+    assert len(result['patch_similarity']) == 4                   # embedding + 3 blocks
+    assert result['gating'][2] is None and result['class_token_share'][0] is None
+    assert result['pictures'] == ['kernels.png', 'attention.png', 'layers.png']
+    kernels = open_png(out / 'kernels.png')
+    attention = open_png(out / 'attention.png')
+    layers = open_png(out / 'layers.png')
+    assert kernels.height > kernels.width / 2                     # 2 GPSA blocks x 4 heads
+    assert attention.width > 5 * 128 and layers.width > 3 * 400   # image + 4 heads; 3 panels
+
+
+def test_models_without_gpsa_or_attention_maps_skip_those_parts(tmp_path, capsys):
+    arch, overrides = FIXTURE_MODELS['swin']
+    swin = locvit.create_model(arch, num_classes=10, **overrides)
+    result = evaluate.write_analysis(swin, torch.randn(2, 3, 32, 32), tmp_path / 'swin')
+    assert result['blocks'] == [1]                    # the last stage: one block here
+    assert result['nonlocality'] == [None] and result['gating'] == [None]
+    assert any('WindowAttention has no attention_map' in n for n in result['notes'])
+    assert any('no GPSA' in n for n in result['notes'])
+    assert result['pictures'] == ['layers.png'] and len(result['patch_similarity']) == 2
+    open_png(tmp_path / 'swin' / 'layers.png')
+    arch, overrides = FIXTURES['deit']
+    deit = locvit.create_model(arch, num_classes=10, **overrides)
+    result = evaluate.write_analysis(deit, torch.randn(2, 3, 32, 32), tmp_path / 'deit')
+    assert result['pictures'] == ['attention.png', 'layers.png']
+    assert all(len(d) == 3 for d in result['nonlocality'])
+    assert 'note: deit_t: no GPSA blocks' in capsys.readouterr().out
+
+
+def test_training_curves_of_several_runs(tiny_run, tmp_path):
+    other = tmp_path / 'other'
+    other.mkdir()
+    with open(other / 'log.jsonl', 'w') as f:
+        for epoch in range(1, 6):
+            f.write(json.dumps({'epoch': epoch, 'train_loss': 2.3 / epoch, 'val_top1': 15 * epoch}) + '\n')
+    evaluate.main(['--curves', str(tiny_run / 'log.jsonl'), str(other / 'log.jsonl'),
+                   '--out', str(tmp_path)])
+    open_png(tmp_path / 'curves.png')
+
+
+def test_png_toolkit_pieces():
+    assert evaluate.nice_ticks(0, 1)[0] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert evaluate.nice_ticks(1, 12, integer=True)[0] == [2, 4, 6, 8, 10, 12]
+    assert evaluate.tick_label(0.25, 0.25) == '0.25' and evaluate.tick_label(10, 5) == '10'
+    ramp = evaluate.colormap(torch.tensor([[0.0, 0.5, 1.0]]))
+    assert ramp.dtype == torch.uint8 and ramp[0, 0].tolist() == [68, 1, 84]
+    assert ramp[0, 2].tolist() == [253, 231, 37]
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmark: a smoke test (no timings asserted)
+# --------------------------------------------------------------------------------------------------
+
+def test_benchmark_prints_a_markdown_table(capsys):
+    threads = torch.get_num_threads()
+    try:                                                  # the child process measures on 1 thread
+        evaluate.main(['--benchmark', 'convit_t', '--img-size', '32', '--batch-size', '2',
+                       '--repeats', '1', '--warmup', '1', '--no-timm', '--device', 'cpu',
+                       '--threads', '1'])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert 'threads: 1' in out
+    assert '- command: `python evaluate.py --benchmark convit_t' in out and 'torch ' in out
+    assert '| model | params (M) | GMACs | forward img/s | train img/s | peak MB |' in out
+    row = next(line for line in out.splitlines() if line.startswith('| `convit_t`'))
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    assert cells[1] == f'{locvit.count_params(locvit.create_model("convit_t", img_size=32)) / 1e6:.2f}'
+    assert all(float(c) > 0 for c in cells[2:6]) and float(cells[5]) >= 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one clear line, no traceback
+# --------------------------------------------------------------------------------------------------
+
+def cli_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.run_cli(evaluate.main, argv + ['--workers', '0'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('error: ') and '\n' not in err and 'Traceback' not in err, err
+    return err
+
+
+def test_bad_input_gets_one_clear_line(tiny_run, tmp_path, capsys):
+    ckpt = str(tiny_run / 'last.pt')
+    assert "not found; check the path" in cli_error(['--checkpoint', str(tmp_path / 'nope.pt')], capsys)
+    data = (tiny_run / 'last.pt').read_bytes()
+    (tmp_path / 'cut.pt').write_bytes(data[:len(data) // 3])
+    assert 'unreadable (truncated or corrupt?)' in cli_error(['--checkpoint', str(tmp_path / 'cut.pt')], capsys)
+    err = cli_error(['--checkpoint', ckpt, '--arch', 'convit_tt'], capsys)
+    assert "unknown model 'convit_tt'; did you mean convit_t" in err
+    os.makedirs(tmp_path / 'data' / 'val' / 'cats')                # a class folder, no images
+    err = cli_error(['--checkpoint', ckpt, '--data', 'folder', '--data-path', str(tmp_path / 'data')], capsys)
+    assert 'Found no valid file for the classes cats' in err and 'needs image files' in err
+    err = cli_error(['--checkpoint', ckpt, '--num-classes', '5', '--synthetic-val', '20'], capsys)
+    assert 'the checkpoint classifies 10 classes, the validation data (synthetic) has 5' in err
+    torch.save(fixture('deit')['state_dict'], tmp_path / 'deit.pth')
+    assert '--arch' in cli_error(['--checkpoint', str(tmp_path / 'deit.pth')], capsys)
+    err = cli_error(['--checkpoint', str(tmp_path / 'deit.pth'), '--arch', 'convit_t',
+                     '--img-size', '32', '--patch-size', '4'], capsys)
+    assert 'does not fit model convit_t' in err and 'GPSA' in err
+    assert 'nothing to do' in cli_error([], capsys)
