@@ -17,15 +17,16 @@ run() {  # run NAME ARGS...: train once (skipped when NAME already finished), lo
   tail -n 2 "$OUT/$name.out"
 }
 
-want() { [ $# -eq 0 ] || [[ " ${SELECTED} " == *" $1 "* ]]; }
+want() { [ -z "$SELECTED" ] || [[ " ${SELECTED} " == *" $1 "* ]]; }
 SELECTED="$*"
 
-# 01 ConViT / 02 LocalViT: sample efficiency. A fraction f of the data (the first images of each
-# class), trained for 3/f epochs so that every run takes the same number of steps.
+# 01 ConViT / 02 LocalViT: sample efficiency. A fraction f of 10,000 images (the first images of
+# each class), trained for 1/f epochs so that every run takes the same number of steps.
 if want fractions; then
   for f in 0.1 0.3 1.0; do
     for arch in deit_t convit_t localvit_t; do
-      run "frac${f}_${arch}" --arch "$arch" --data-fraction "$f" --scale-epochs --synthetic-val 500
+      run "frac${f}_${arch}" --arch "$arch" --synthetic-train 10000 --epochs 1 \
+          --data-fraction "$f" --scale-epochs --synthetic-val 500
     done
   done
 fi
