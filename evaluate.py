@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,7 @@ def load_model(checkpoint=None, arch=None, weights='model', **overrides):
     options = {}
     if ours:                                  # the run's own options (img_size, depth, ...)
         saved, allowed = obj['config'], locvit.model_options(arch)
-        options = {k: saved[k] for k in train.MODEL_FIELDS if saved.get(k) is not None and k in allowed}
+        options = {k: v for k, v in flag_options(saved).items() if k in allowed}
     options.update({k: v for k, v in overrides.items() if v is not None})
     if obj is not None and 'num_classes' not in options:
         sd = locvit.to_our_keys(dict(locvit.unwrap_state_dict(obj, weights)))
@@ -120,11 +121,18 @@ def run_config(args, checkpoint):
     return cfg
 
 
+def flag_options(values):
+    """train.py's model flags (a dict, as saved in a checkpoint's config) as create_model options,
+    converted as train.py converts them ("24,48,96" -> (24, 48, 96))."""
+    return train.model_overrides(SimpleNamespace(**{k: values.get(k) for k in train.MODEL_FIELDS}))
+
+
 def model_overrides(args, cfg, checkpoint):
     """create_model options from the flags (and, for a model without a checkpoint, the data's)."""
     source = cfg if checkpoint is None else args
-    return {k: getattr(source, k) for k in train.MODEL_FIELDS
-            if getattr(source, k, None) is not None and k != 'drop_path'}
+    options = flag_options({k: getattr(source, k, None) for k in train.MODEL_FIELDS})
+    options.pop('drop_path', None)
+    return options
 
 
 def check_classes(model, classes, cfg, checkpoint):

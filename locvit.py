@@ -470,8 +470,9 @@ class VisionTransformer(nn.Module):
                  talking_heads=False, init='deit'):
         super().__init__()
         self.img_size, self.in_chans = pair(img_size), in_chans
-        if stem_channels:                       # ViT_C
-            strides = stem_strides_for(stem_strides, patch_size) if patch_size else tuple(stem_strides)
+        if stem_channels:                       # ViT_C; strides 2 each unless given
+            strides = tuple(stem_strides) or (2,) * len(stem_channels)
+            strides = stem_strides_for(strides, patch_size) if patch_size else strides
             self.patch_embed = ConvStem(stem_channels, strides, in_chans, embed_dim)
         else:                                   # ViT_P
             self.patch_embed = PatchEmbed(patch_size or 16, in_chans, embed_dim)

@@ -509,9 +509,7 @@ def model_overrides(cfg):
             except ValueError:
                 raise TrainError(f'--{k.replace("_", "-")} takes integers separated by commas, '
                                  f'e.g. 24,48,96,192; got {overrides[k]!r}') from None
-    if overrides.get('channel_attn') == 'none':
-        overrides['channel_attn'] = None
-    return overrides
+    return overrides                        # channel_attn 'none' stays a string: None means 'the default'
 
 
 def build_model(cfg, num_classes):

@@ -96,6 +96,22 @@ def test_our_checkpoint_alone_rebuilds_the_run_and_another_resolution_loads(tiny
         assert torch.isfinite(bigger(x)).all()
 
 
+def test_a_checkpoint_with_a_conv_stem_and_the_locality_ffn_rebuilds_from_its_config(tmp_path, capsys):
+    """train.py saves the flags as given ("12,24", "none"); loading converts them as train.py does."""
+    train.main(['--arch', 'convit_t', '--depth', '2', '--local-up-to-layer', '1', '--embed-dim', '48',
+                '--stem-channels', '12,24', '--stem-strides', '2,2', '--ffn', 'lff',
+                '--channel-attn', 'none', '--epochs', '1', '--max-steps', '1', '--synthetic-train', '32',
+                '--synthetic-val', '8', '--batch-size', '16', '--workers', '0', '--no-progress',
+                '--out', str(tmp_path)])
+    model, _ = evaluate.load_model(tmp_path / 'last.pt')
+    assert isinstance(model.patch_embed, locvit.ConvStem) and model.grid == (8, 8)
+    assert isinstance(model.blocks[0].lff.se, torch.nn.Identity)      # channel_attn "none"
+    stats = evaluate.main(['--checkpoint', str(tmp_path / 'last.pt'), '--workers', '0'])
+    assert stats['count'] == 8
+    assert evaluate.main(['--arch', 'deit_t', '--depth', '1', '--stem-channels', '12,24',
+                          '--analyze', '--analyze-images', '2', '--out', str(tmp_path / 'a')])
+
+
 # --------------------------------------------------------------------------------------------------
 # Accuracy: 2 processes count every image once and agree with one process (and with train.py)
 # --------------------------------------------------------------------------------------------------
