@@ -1407,7 +1407,8 @@ def model_options(name):
 def create_model(name, **overrides):
     """Build a zoo model; overrides (img_size, patch_size, num_classes, embed_dim, depth,
     num_heads, drop_path, ...) replace the published configuration. `patch_size` on a conv-stem
-    model sets its total stride (its last stride-2 convolutions become stride 1)."""
+    model sets its total stride (its last stride-2 convolutions become stride 1). An override of
+    None keeps the published value (channel_attn='none' turns the LFF's channel attention off)."""
     if name not in MODELS:
         close = difflib.get_close_matches(name, MODELS, n=4, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ''
