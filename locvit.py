@@ -569,9 +569,11 @@ class VisionTransformer(nn.Module):
 
 
 class Backbone(nn.Module):
-    """What the four families share with VisionTransformer: the input check, head(features), and
-    {state-dict key: (class-token slots, grid)} of every position embedding (none by default)."""
+    """What the four families share with VisionTransformer: the input check, the class-token head
+    (Swin, without a class token, overrides it), head(features), and {state-dict key:
+    (class-token slots, grid)} of every position embedding (none by default)."""
     check_input = VisionTransformer.check_input
+    forward_head = VisionTransformer.forward_head
 
     def pos_embed_grids(self, grid=None):
         return {}
@@ -702,9 +704,6 @@ class PVT(Backbone):
                 x = seq2img(x, grid)            # tokens -> map for the next stage
         x = self.norm(x)
         return (x, layers) if return_layers else x
-
-    def forward_head(self, x):
-        return self.head(x[:, 0])
 
 
 def remap_pvt(sd):
@@ -934,9 +933,6 @@ class TNT(Backbone):
         x = self.norm(patches)
         return (x, layers) if return_layers else x
 
-    def forward_head(self, x):
-        return self.head(x[:, 0])
-
 
 def remap_tnt(sd):
     """Official TNT / LocalViT-TNT: the pixel and patch embeddings and the inner/outer halves of a
@@ -1062,9 +1058,6 @@ class T2TViT(Backbone):
             layers.append(x)
         x = self.norm(x)
         return (x, layers) if return_layers else x
-
-    def forward_head(self, x):
-        return self.head(x[:, 0])
 
 
 def remap_t2t(sd):
