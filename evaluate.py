@@ -1056,6 +1056,28 @@ def bench_in_child(name, args, overrides):
     return json.loads(lines[-1])
 
 
+def median_of_rounds(results):
+    """[(ours, theirs) per round] -> (ours, theirs), each number the median over the rounds, and
+    ours['ratio'][k]: the median of the per-round ours/theirs ratios. On a shared machine whose
+    speed drifts, a round measures ours and timm's one after the other, so their ratio drifts
+    less than either number."""
+    def median(rows):
+        if any('error' in r for r in rows):
+            return next(r for r in rows if 'error' in r)
+        return {**rows[0], **{k: statistics.median(r[k] for r in rows)
+                              for k in ('forward', 'train', 'peak_mb')}}
+
+    ours = median([o for o, _ in results])
+    if results[0][1] is None:
+        return ours, None
+    theirs = median([t for _, t in results])
+    if 'error' not in ours and 'error' not in theirs:
+        ours['ratio'] = {k: statistics.median(o[k] / t[k] if t[k] else float('nan')
+                                              for o, t in results)
+                         for k in ('forward', 'train', 'peak_mb')}
+    return ours, theirs
+
+
 def default_device():
     return 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -1087,16 +1109,20 @@ def benchmark_table(names, args, argv=None):
             why_no_timm = 'timm is not installed'
         if overrides:
             timm_version, why_no_timm = None, 'model options were overridden'
+        elif timm_version and not any(name in TIMM_NAMES for name in names):
+            timm_version, why_no_timm = None, 'no timm twin among these models'
     measure_row = bench_in_child if device.type == 'cpu' else bench_one
-    rows = []
-    for name in names:
-        ours = measure_row(name, args, overrides)
-        theirs = None
-        if timm_version and name in TIMM_NAMES:
-            theirs = measure_row('timm:' + TIMM_NAMES[name], args, {})
-        rows.append((ours, theirs))
-        if device.type == 'cuda':
-            torch.cuda.empty_cache()
+    rounds = [[] for _ in names]                # per model: (ours, theirs) of every round
+    for _ in range(args.rounds):
+        for name, results in zip(names, rounds):
+            ours = measure_row(name, args, overrides)
+            theirs = None
+            if timm_version and name in TIMM_NAMES:
+                theirs = measure_row('timm:' + TIMM_NAMES[name], args, {})
+            results.append((ours, theirs))
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+    rows = [median_of_rounds(results) for results in rounds]
     command = 'python evaluate.py ' + ' '.join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     versions = f'torch {torch.__version__}' + (f', timm {timm_version}' if timm_version else '')
     lines = [f'- command: `{command}`',
@@ -1104,7 +1130,10 @@ def benchmark_table(names, args, argv=None):
              f'{versions}',
              f'- {args.dtype}, batch {args.batch_size or 32}, {args.img_size or 224} px'
              f'{", torch.compile" if args.compile else ""}; images/s: the median of {args.repeats} '
-             f'timed runs after {args.warmup} warm-up; train = forward + backward + AdamW '
+             f'timed runs after {args.warmup} warm-up'
+             + (f', then the median over {args.rounds} rounds (ratios: the median of the '
+                f"rounds' ratios)" if args.rounds > 1 else '')
+             + '; train = forward + backward + AdamW '
              f'step; peak memory beyond the weights and the input batch '
              f'({"max_memory_allocated" if device.type == "cuda" else "peak RSS, one process per model"})'
              + (f'; timm: not compared ({why_no_timm})' if args.timm and not timm_version else ''),
@@ -1131,11 +1160,9 @@ def benchmark_table(names, args, argv=None):
                     errors.append(f'{theirs["model"]}: {theirs["error"]}')
                 cells += ['–' if theirs is None else f'`{theirs["model"][5:]}`'] + ['–'] * 6
             else:
-                ratio = lambda k: ours[k] / theirs[k] if theirs[k] else None
                 cells += [f'`{theirs["model"][5:]}`', f'{theirs["forward"]:.1f}',
-                          f'{theirs["train"]:.1f}', f'{theirs["peak_mb"]:.0f}',
-                          fmt(ratio('forward'), '.2f'), fmt(ratio('train'), '.2f'),
-                          fmt(ratio('peak_mb'), '.2f')]
+                          f'{theirs["train"]:.1f}', f'{theirs["peak_mb"]:.0f}']
+                cells += [fmt(ours['ratio'][k], '.2f') for k in ('forward', 'train', 'peak_mb')]
         lines.append('| ' + ' | '.join(cells) + ' |')
     if errors:
         lines += [''] + [f'- failed: {e}' for e in errors]
@@ -1205,6 +1232,8 @@ def build_parser():
     g.add_argument('--compile', action='store_true', help='torch.compile the models')
     g.add_argument('--repeats', type=int, default=5, help='timed runs (the median is reported)')
     g.add_argument('--warmup', type=int, default=2, help='untimed runs first')
+    g.add_argument('--rounds', type=int, default=1, help='measure every model (and its timm '
+                   'twin) this many times in turn; report the medians (default: 1)')
     g.add_argument('--threads', type=int, help="CPU threads (default: torch's)")
     g.add_argument('--timm', action=argparse.BooleanOptionalAction, default=True,
                    help="compare with timm's models when timm is installed (default: on)")
@@ -1215,7 +1244,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for flag in ('batch_size', 'analyze_images', 'repeats', 'img_size', 'synthetic_val', 'threads'):
+    for flag in ('batch_size', 'analyze_images', 'repeats', 'rounds', 'img_size', 'synthetic_val',
+                 'threads'):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f'--{flag.replace("_", "-")} must be at least 1, got {value}')

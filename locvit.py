@@ -332,7 +332,8 @@ class GPSA(nn.Module):
 #    8 neighbours on the patch grid (an inverted residual block, as in MobileNetV2):
 #      tokens -> Seq2Img -> 1x1 (C -> γC) - BN - act -> depthwise 3x3 - BN - act -> [SE | ECA]
 #             -> 1x1 (γC -> C) - BN -> + input -> Img2Seq
-#    A class token has no place on the grid: it bypasses the module unchanged.
+#    A class token has no place on the grid: it bypasses the module unchanged. At inference each
+#    BatchNorm is a fixed affine map and folds into the convolution before it (fold_batchnorm).
 # ==================================================================================================
 
 ACTIVATIONS = {'gelu': nn.GELU, 'hswish': nn.Hardswish, 'relu6': nn.ReLU6, 'relu': nn.ReLU}
@@ -384,11 +385,19 @@ class ECA(nn.Module):
         return x * rearrange(s, 'b 1 c -> b c 1 1')
 
 
+def fold_batchnorm(weight, bn):
+    """BN(conv(x; W)) = conv(x; W * s) + (beta - mean * s), s = gamma / sqrt(var + eps), with BN's
+    running statistics (inference). Returns the folded weight and bias; W's first dim is BN's."""
+    s = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return weight * s.reshape(-1, *[1] * (weight.dim() - 1)), bn.bias - bn.running_mean * s
+
+
 class LocalityFeedForward(nn.Module):
     """LocalViT's locality feed-forward. The residual lives inside; there is no norm before it.
 
     forward(x, grid): x is (B, n_prefix + h*w, C); the n_prefix leading tokens (a class token)
-    pass unchanged. forward_map(y): the same on a (B, C, h, w) map."""
+    pass unchanged. forward_map(y): the same on a (B, C, h, w) map. In eval mode forward takes
+    forward_folded, the same function with the BatchNorms folded away."""
 
     def __init__(self, dim, expand_ratio=4.0, act='hswish', channel_attn='se', reduction=4):
         super().__init__()
@@ -417,8 +426,22 @@ class LocalityFeedForward(nn.Module):
     def forward(self, x, grid):                 # (B, n_prefix + h*w, C) -> same
         n_prefix = x.shape[1] - grid[0] * grid[1]
         prefix, patches = x[:, :n_prefix], x[:, n_prefix:]
-        patches = img2seq(self.forward_map(seq2img(patches, grid)))
+        if self.training:
+            patches = img2seq(self.forward_map(seq2img(patches, grid)))
+        else:
+            patches = self.forward_folded(patches, grid)
         return torch.cat([prefix, patches], dim=1) if n_prefix else patches
+
+    def forward_folded(self, patches, grid):    # (B, h*w, C) -> same; inference only
+        """forward_map's math with each BatchNorm folded into the convolution before it (at
+        inference a BatchNorm is a fixed affine map), and the 1x1 convolutions run as per-token
+        linears: three fewer passes over the hidden map and no layout copies."""
+        w1, b1 = fold_batchnorm(self.conv1.weight.flatten(1), self.bn1)
+        w2, b2 = fold_batchnorm(self.dwconv.weight, self.bn2)
+        w3, b3 = fold_batchnorm(self.conv2.weight.flatten(1), self.bn3)
+        z = seq2img(self.act(F.linear(patches, w1, b1)), grid)
+        z = self.se(self.act(F.conv2d(z, w2, b2, padding=1, groups=z.shape[1])))
+        return patches + F.linear(img2seq(z), w3, b3)
 
 
 # ==================================================================================================

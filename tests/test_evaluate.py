@@ -296,18 +296,33 @@ def test_benchmark_prints_a_markdown_table(capsys):
     threads = torch.get_num_threads()
     try:                                                  # the child process measures on 1 thread
         evaluate.main(['--benchmark', 'convit_t', '--img-size', '32', '--batch-size', '2',
-                       '--repeats', '1', '--warmup', '1', '--no-timm', '--device', 'cpu',
-                       '--threads', '1'])
+                       '--repeats', '1', '--warmup', '1', '--rounds', '2', '--no-timm',
+                       '--device', 'cpu', '--threads', '1'])
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert 'threads: 1' in out
+    assert 'threads: 1' in out and 'the median over 2 rounds' in out
     assert '- command: `python evaluate.py --benchmark convit_t' in out and 'torch ' in out
     assert '| model | params (M) | GMACs | forward img/s | train img/s | peak MB |' in out
     row = next(line for line in out.splitlines() if line.startswith('| `convit_t`'))
     cells = [c.strip() for c in row.strip('|').split('|')]
     assert cells[1] == f'{locvit.count_params(locvit.create_model("convit_t", img_size=32)) / 1e6:.2f}'
     assert all(float(c) > 0 for c in cells[2:6]) and float(cells[5]) >= 0
+
+
+def test_benchmark_rounds_take_medians_and_the_median_ratio():
+    row = lambda name, f, t, m: {'model': name, 'params': 5, 'forward': f, 'train': t, 'peak_mb': m}
+    rounds = [(row('deit_t', 10, 4, 100), row('timm:deit', 20, 4, 100)),     # a slow round: 0.5
+              (row('deit_t', 30, 6, 90), row('timm:deit', 25, 5, 100)),      # 1.2
+              (row('deit_t', 40, 8, 80), row('timm:deit', 40, 10, 100))]     # 1.0
+    ours, theirs = evaluate.median_of_rounds(rounds)
+    assert (ours['forward'], ours['train'], ours['peak_mb']) == (30, 6, 90)
+    assert (theirs['forward'], theirs['train'], theirs['peak_mb']) == (25, 5, 100)
+    assert ours['ratio']['forward'] == 1.0                  # not 30 / 25: the rounds' own ratios
+    assert ours['ratio']['train'] == 1.0 and ours['ratio']['peak_mb'] == 0.9
+    failed = evaluate.median_of_rounds([(row('deit_t', 1, 1, 1), None),
+                                        ({'model': 'deit_t', 'error': 'out of memory'}, None)])
+    assert failed == ({'model': 'deit_t', 'error': 'out of memory'}, None)
 
 
 # --------------------------------------------------------------------------------------------------

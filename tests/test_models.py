@@ -162,6 +162,24 @@ def test_locality_ffn_passes_the_class_token_unchanged(channel_attn):
     assert lff(x[:, 1:], (3, 5)).shape == (2, 15, 8)
 
 
+@pytest.mark.parametrize('channel_attn', ['se', 'eca', None])
+def test_locality_ffn_inference_with_folded_batchnorms_equals_the_plain_form(channel_attn):
+    """eval() folds the three BatchNorms into the convolutions; the function is unchanged."""
+    torch.manual_seed(0)
+    lff = locvit.LocalityFeedForward(8, 4, 'hswish', channel_attn, reduction=4)
+    for bn in (lff.bn1, lff.bn2, lff.bn3):                  # non-trivial running statistics
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        torch.nn.init.uniform_(bn.weight, 0.5, 2)
+        torch.nn.init.uniform_(bn.bias, -1, 1)
+    lff.eval()
+    x = torch.randn(2, 1 + 3 * 5, 8)
+    plain = torch.cat([x[:, :1], locvit.img2seq(lff.forward_map(locvit.seq2img(x[:, 1:], (3, 5))))], 1)
+    folded = lff(x, (3, 5))
+    torch.testing.assert_close(folded, plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(folded, x)
+
+
 def test_locality_ffn_is_local():
     """A change at one patch moves only that patch and its 8 neighbours (one depthwise 3x3),
     apart from the SE's global pooling, which is switched off here."""
