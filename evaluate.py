@@ -20,7 +20,6 @@ Read top to bottom:
 """
 import argparse
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -55,11 +54,7 @@ def is_training_checkpoint(obj):
 
 
 def check_arch(arch):
-    if arch not in locvit.MODELS:
-        close = difflib.get_close_matches(arch, locvit.MODELS, n=4, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ''
-        raise ValueError(f'unknown model {arch!r}{hint} (python evaluate.py --zoo lists all '
-                         f'{len(locvit.MODELS)})')
+    locvit.check_model_name(arch, 'python evaluate.py --zoo lists')
 
 
 def load_model(checkpoint=None, arch=None, weights='model', **overrides):

@@ -1420,15 +1420,20 @@ def model_options(name):
     return list(code.co_varnames[1:code.co_argcount])
 
 
+def check_model_name(name, listing='list_models() gives'):
+    """An unknown name raises ValueError naming the closest zoo names."""
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, MODELS, n=4, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ''
+        raise ValueError(f'unknown model {name!r}{hint} ({listing} all {len(MODELS)})')
+
+
 def create_model(name, **overrides):
     """Build a zoo model; overrides (img_size, patch_size, num_classes, embed_dim, depth,
     num_heads, drop_path, ...) replace the published configuration. `patch_size` on a conv-stem
     model sets its total stride (its last stride-2 convolutions become stride 1). An override of
     None keeps the published value (channel_attn='none' turns the LFF's channel attention off)."""
-    if name not in MODELS:
-        close = difflib.get_close_matches(name, MODELS, n=4, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ''
-        raise ValueError(f'unknown model {name!r}{hint} (list_models() gives all {len(MODELS)})')
+    check_model_name(name)
     cls, cfg = MODELS[name]
     allowed = model_options(name)
     unknown = [k for k in overrides if k not in allowed]

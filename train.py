@@ -519,11 +519,10 @@ def build_model(cfg, num_classes):
 def check_arch(cfg, given):
     """An unknown --arch fails here, before any data is touched. The data's default patch size
     (4 for 32 px images) applies to the ViT family; the other backbones keep their own."""
-    if cfg.arch not in locvit.MODELS:
-        try:
-            locvit.create_model(cfg.arch)
-        except ValueError as e:
-            raise TrainError(f'--arch: {e}') from None
+    try:
+        locvit.check_model_name(cfg.arch)
+    except ValueError as e:
+        raise TrainError(f'--arch: {e}') from None
     options = locvit.model_options(cfg.arch)
     if 'patch_size' not in given and locvit.MODELS[cfg.arch][0] is not locvit.VisionTransformer:
         cfg.patch_size = None
