@@ -1,6 +1,6 @@
 """locvit — how locality makes Vision Transformers better, in one file.
 
-Read it top to bottom: every piece uses only what is above it.
+Read it top to bottom, in the papers' order; every piece uses only what is above it.
 
   1. Helpers            tokens <-> images, relative positions, stochastic depth, init
   2. Stems              patchify (ViT / ViT_P) and the convolutional stem (ViT_C)
@@ -9,32 +9,32 @@ Read it top to bottom: every piece uses only what is above it.
   4. ConViT             gated positional self-attention (GPSA)
                         -- d'Ascoli et al. 2021, "ConViT: Improving Vision Transformers with
                            Soft Convolutional Inductive Biases"
-  5. Feed-forward       the MLP, and LocalViT's locality feed-forward (LFF)
-                        -- Li et al. 2021, "LocalViT: Bringing Locality to Vision Transformers"
-  6. VisionTransformer  one pre-norm block and one model class for DeiT, ConViT, LocalViT,
-                        ViT_P and ViT_C
-  7. Beyond DeiT        LocalViT's LFF in four more transformers: PVT (a pyramid, spatial-
-                        reduction attention), Swin (shifted windows), TNT (pixel-level blocks
-                        inside patch-level ones), T2T-ViT (tokens-to-token) -- Li et al. 2021
-  8. Over-smoothing     patch diversification: the cosine, contrastive and mixing losses,
+  5. LocalViT           the MLP, and the locality feed-forward (LFF): a depthwise convolution
+                        between the two linear layers -- Li et al. 2021, "LocalViT: Bringing
+                        Locality to Vision Transformers"
+  6. VisionTransformer  the pre-norm block, built from the attention and feed-forward it is
+                        given, and one model class for DeiT, ConViT, LocalViT, ViT_P and ViT_C
+  7. Over-smoothing     patch diversification: the cosine, contrastive and mixing losses,
                         patch-grid CutMix, and the over-smoothing curve (patch_similarity)
                         -- Gong et al. 2021, "Vision Transformers with Patch Diversification"
-  9. Model zoo          create_model(name, **overrides), list_models()
- 10. Checkpoints        load_checkpoint(model, path_or_state_dict): ours, timm, the official
-                        releases; position embeddings resized for another resolution
- 11. Measuring          count_params, count_macs
+  Appendix A            LocalViT's LFF in four more transformers: PVT, Swin, TNT, T2T-ViT
+  Appendix B            the model zoo: create_model(name, pretrained=False, **overrides)
+  Appendix C            checkpoints: ours, timm's and the official releases; released weights
+  Appendix D            measuring: count_params, count_macs
 
 Shapes: B batch, N tokens, C (= D) width, H heads, d = C/H head width, h x w the patch grid.
 Tokens are always row-major over the grid (token n <-> row n // w, column n % w); a class token,
 when present, sits in front of the patch tokens, so the patch tokens are always x[:, -h*w:].
 """
 import difflib
+import functools
+import inspect
 import math
 import os
 import pickle
 import random
+import re
 import zipfile
-from collections import namedtuple
 from collections.abc import Mapping
 
 import torch
@@ -53,7 +53,8 @@ def pair(x):
 
 
 def seq2img(x, grid):
-    """Seq2Img: patch tokens (B, h*w, C) -> feature map (B, C, h, w), row-major."""
+    """Seq2Img: patch tokens (B, h*w, C) -> feature map (B, C, h, w), row-major. A view, no copy:
+    the map is channels-last in memory, the layout convolutions on it run fastest in."""
     return rearrange(x, 'b (h w) c -> b c h w', h=grid[0], w=grid[1])
 
 
@@ -62,16 +63,18 @@ def img2seq(x):
     return rearrange(x, 'b c h w -> b (h w) c')
 
 
+@functools.lru_cache(maxsize=32)
 def relative_positions(h, w, device=None):
-    """r_ij = [dx, dy, dx^2 + dy^2] for query i and key j on an h x w grid: (h*w, h*w, 3).
+    """r_ij = [dx, dy, dx^2 + dy^2] for query i and key j on an h x w grid: (h*w, h*w, 3) integers.
 
-    dx = col_j - col_i, dy = row_j - row_i (ConViT's order). Depends on the grid only."""
+    dx = col_j - col_i, dy = row_j - row_i (ConViT's order). Depends on the grid only: computed
+    once per grid and device (cached), exact whatever dtype a model is cast to."""
     rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
                                 indexing='ij')
     rows, cols = rows.flatten(), cols.flatten()
     dx = cols[None, :] - cols[:, None]
     dy = rows[None, :] - rows[:, None]
-    return torch.stack([dx, dy, dx ** 2 + dy ** 2], dim=-1).float()
+    return torch.stack([dx, dy, dx ** 2 + dy ** 2], dim=-1)
 
 
 def drop_path(x, p, training):
@@ -114,7 +117,7 @@ def init_pycls(model):
             if m.kernel_size == (1, 1):      # the conv stem's final 1x1 projection
                 nn.init.normal_(m.weight, std=math.sqrt(2.0 / m.out_channels))
             else:                            # the patchify convolution
-                nn.init.trunc_normal_(m.weight, std=math.sqrt(1.0 / (m.in_channels * m.kernel_size[0] * m.kernel_size[1])))
+                nn.init.trunc_normal_(m.weight, std=math.sqrt(1.0 / m.weight[0].numel()))
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             if name.endswith('attn.qkv'):
@@ -136,7 +139,7 @@ def init_pycls(model):
 # 2. Stems: how an image becomes a grid of tokens
 #    ViT_P cuts the image into P x P patches (one stride-P convolution). ViT_C (Xiao et al.)
 #    replaces it by a few stride-2 3x3 convolutions (BN, ReLU), then a 1x1 convolution to D.
-#    Both end in `proj` and return a (B, D, h, w) map.
+#    Both end in `proj` and return a (B, D, h, w) map; `stride` is their total stride.
 # ==================================================================================================
 
 
@@ -153,7 +156,8 @@ class PatchEmbed(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """Convolutional stem (ViT_C): [3x3 conv (stride s) - BN - ReLU] x k, then a 1x1 conv to D."""
+    """Convolutional stem (ViT_C): [3x3 conv (stride s) - BN - ReLU] x k, then a 1x1 conv to D.
+    Needs only torch."""
 
     def __init__(self, channels=(24, 48, 96, 192), strides=(2, 2, 2, 2), in_chans=3, embed_dim=192):
         super().__init__()
@@ -177,8 +181,7 @@ def stem_strides_for(strides, total):
     for i in reversed(range(len(strides))):
         if math.prod(strides) <= total:
             break
-        if strides[i] == 2:
-            strides[i] = 1
+        strides[i] = 1 if strides[i] == 2 else strides[i]
     if math.prod(strides) != total:
         raise ValueError(f'a conv stem with strides {tuple(strides)} cannot have total stride '
                          f'{total}; use a power of two up to {math.prod(strides)}')
@@ -194,23 +197,18 @@ def stem_strides_for(strides, total):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention (MHSA)."""
+    """Multi-head self-attention (MHSA). forward(x, grid): the grid is not needed here."""
 
-    def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, talking_heads=False):
+    def __init__(self, dim, num_heads=8, qkv_bias=True, talking_heads=False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'embed_dim {dim} is not divisible by num_heads {num_heads}')
-        self.num_heads = num_heads
-        self.attn_drop = attn_drop
+        self.num_heads, self.talking_heads = num_heads, talking_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.talking_heads = talking_heads
         if talking_heads:
             self.proj_l = nn.Linear(num_heads, num_heads)   # mixes the logits of the heads
             self.proj_w = nn.Linear(num_heads, num_heads)   # mixes the attention weights
-
-    def qkv_heads(self, x):
-        return rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads)
 
     def weights(self, q, k):
         """softmax(q k^T / sqrt(d)) (B, H, N, N), explicitly; talking heads mix the heads' logits
@@ -221,18 +219,12 @@ class Attention(nn.Module):
         mix = lambda lin, t: rearrange(lin(rearrange(t, 'b h i j -> b i j h')), 'b i j h -> b h i j')
         return mix(self.proj_w, mix(self.proj_l, logits).softmax(dim=-1))
 
-    def attention_map(self, x, grid=None):
-        """The attention weights (B, H, N, N) for the input x (for analysis)."""
-        q, k, _ = self.qkv_heads(x)
-        return self.weights(q, k)
-
     def forward(self, x, grid=None):            # (B, N, C) -> (B, N, C)
-        q, k, v = self.qkv_heads(x)
-        p = self.attn_drop if self.training else 0.0
+        q, k, v = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads)
         if self.talking_heads:
-            out = F.dropout(self.weights(q, k), p) @ v
+            out = self.weights(q, k) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(rearrange(out, 'b h n d -> b n (h d)'))
 
 
@@ -244,35 +236,32 @@ class Attention(nn.Module):
 #    offset Δ_h, like one tap of a sqrt(H) x sqrt(H) convolution; the gate λ_h (1 at init,
 #    σ ≈ 0.73) lets training decide how much each head stays local.
 #    The positional map does not depend on the input: it is computed once per forward as
-#    (H, N, N) and shared by the batch, and the content part runs on SDPA:
-#        out_h = (1 - g_h) SDPA(q, k, v)_h + g_h (P_h @ v_h)
+#    (H, N, N) and shared by the batch; the gates fold into v and into that map, and the content
+#    part runs on SDPA, so no B x H x N x N tensor is built:
+#        out_h = SDPA(q, k, (1 - g_h) v)_h + (g_h P_h) @ v_h
 # ==================================================================================================
 
 
 class GPSA(nn.Module):
-    """Gated positional self-attention. Input: patch tokens only (B, h*w, C)."""
+    """Gated positional self-attention. forward(x, grid): the patch tokens (B, h*w, C) of an
+    h x w grid (no class token). Needs torch, einops and relative_positions."""
 
-    def __init__(self, dim, num_heads=9, qkv_bias=False, attn_drop=0.0, locality_strength=1.0,
-                 local_init=True, grid=(14, 14)):
+    def __init__(self, dim, num_heads=9, qkv_bias=False, locality_strength=1.0, local_init=True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'embed_dim {dim} is not divisible by num_heads {num_heads}')
-        self.num_heads = num_heads
-        self.attn_drop = attn_drop
-        self.locality_strength = locality_strength
-        self.local_init = local_init
+        self.num_heads, self.locality_strength, self.local_init = num_heads, locality_strength, local_init
         self.qk = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.pos_proj = nn.Linear(3, num_heads)
         self.gating_param = nn.Parameter(torch.ones(num_heads))
-        self.grid = tuple(grid)
-        self.register_buffer('rel_indices', relative_positions(*self.grid), persistent=False)
-        self.fast = True                        # SDPA + shared positional map (see forward)
 
     def init_local(self):
-        """The convolutional init (applied after the generic one): v = identity, and head
-        h = h1 + k*h2 scores key j by -α ||δ_ij - Δ_h||^2 + const with Δ_h = (h2 - c, h1 - c)."""
+        """The convolutional init (after the generic one): v = identity (so that at init each head
+        passes on the patches it attends to unchanged, as one tap of a convolution copies its
+        pixel), and head h = h1 + k*h2 scores key j by -α ||δ_ij - Δ_h||^2 + const with
+        Δ_h = (h2 - c, h1 - c)."""
         with torch.no_grad():
             self.v.weight.copy_(torch.eye(self.v.weight.shape[0]))
             k = int(self.num_heads ** 0.5)
@@ -284,56 +273,38 @@ class GPSA(nn.Module):
             self.pos_proj.bias.zero_()
 
     def positional_attention(self, grid):
-        """softmax_j(pos_proj(r_ij)) for every head: (H, N, N), the same for every image."""
-        if tuple(grid) != self.grid:            # a new resolution: rebuild the positions
-            self.grid = tuple(grid)
-            self.rel_indices = relative_positions(*grid, device=self.rel_indices.device)
-        scores = self.pos_proj(self.rel_indices.to(self.pos_proj.weight.dtype))    # (N, N, H)
-        pos = rearrange(scores, 'i j h -> h i j').contiguous().softmax(dim=-1)
-        # far keys get weights below float's normal range; such subnormals make CPU matmuls
-        # ~10x slower and change nothing measurable, so flush them to zero
+        """softmax_j(pos_proj(r_ij)) for every head: (H, N, N) in float32, the same for every
+        image. Computed in float32 whatever the weights' dtype or autocast: bf16 would round the
+        distance d^2 = 313 to 312."""
+        w = self.pos_proj.weight
+        rel = relative_positions(*grid, device=w.device).float()                 # (N, N, 3)
+        with torch.autocast(w.device.type, enabled=False):
+            scores = F.linear(rel, w.float(), self.pos_proj.bias.float())         # (N, N, H)
+        pos = rearrange(scores, 'i j h -> h i j').softmax(dim=-1)
+        # far keys get float32 subnormals, which make CPU matmuls ~10x slower and change nothing
         return pos.masked_fill(pos < torch.finfo(pos.dtype).tiny, 0.0)
 
-    def gates(self):
-        return rearrange(self.gating_param.sigmoid(), 'h -> h 1 1')
-
-    def qkv_heads(self, x):
-        q, k = rearrange(self.qk(x), 'b n (two h d) -> two b h n d', two=2, h=self.num_heads)
-        return q, k, rearrange(self.v(x), 'b n (h d) -> b h n d', h=self.num_heads)
-
-    def weights(self, q, k, grid):
-        """The mixed attention A (B, H, N, N), explicitly: the paper's equation."""
-        content = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
-        g = self.gates()
-        return (1 - g) * content + g * self.positional_attention(grid)
-
-    def attention_map(self, x, grid):
-        q, k, _ = self.qkv_heads(x)
-        return self.weights(q, k, grid)
-
     def forward(self, x, grid):                 # (B, h*w, C) -> (B, h*w, C)
-        q, k, v = self.qkv_heads(x)
-        p = self.attn_drop if self.training else 0.0
-        if self.fast and p == 0.0:
-            pos = self.positional_attention(grid)                          # (H, N, N), once
-            pos_out = pos @ rearrange(v, 'b h n d -> h n (b d)')           # one matmul per head
-            pos_out = rearrange(pos_out, 'h n (b d) -> b h n d', b=x.shape[0])
-            g = self.gates()
-            out = (1 - g) * F.scaled_dot_product_attention(q, k, v) + g * pos_out
-        else:
-            out = F.dropout(self.weights(q, k, grid), p) @ v
+        q, k = rearrange(self.qk(x), 'b n (two h d) -> two b h n d', two=2, h=self.num_heads)
+        v = rearrange(self.v(x), 'b n (h d) -> b h n d', h=self.num_heads)
+        g = rearrange(self.gating_param.sigmoid(), 'h -> h 1 1')
+        pos = (g * self.positional_attention(grid)).to(v.dtype)                   # (H, N, N), once
+        # (g P) @ v for every image in one matmul per head: the batch goes beside d
+        pos_out = pos @ rearrange(v, 'b h n d -> h n (b d)')
+        out = F.scaled_dot_product_attention(q, k, v * (1 - g).to(v.dtype))
+        out = out + rearrange(pos_out, 'h n (b d) -> b h n d', b=x.shape[0])
         return self.proj(rearrange(out, 'b h n d -> b n (h d)'))
 
 
 # ==================================================================================================
-# 5. Feed-forward networks
+# 5. LocalViT: feed-forward networks with locality
 #    The transformer's MLP treats every token on its own. LocalViT's locality feed-forward puts a
 #    depthwise 3x3 convolution between its two 1x1 ("linear") layers, so each token also sees its
 #    8 neighbours on the patch grid (an inverted residual block, as in MobileNetV2):
 #      tokens -> Seq2Img -> 1x1 (C -> γC) - BN - act -> depthwise 3x3 - BN - act -> [SE | ECA]
 #             -> 1x1 (γC -> C) - BN -> + input -> Img2Seq
 #    A class token has no place on the grid: it bypasses the module unchanged. At inference each
-#    BatchNorm is a fixed affine map and folds into the convolution before it (fold_batchnorm).
+#    BatchNorm is a fixed affine map: fuse_batchnorm folds it into the convolution before it.
 # ==================================================================================================
 
 ACTIVATIONS = {'gelu': nn.GELU, 'hswish': nn.Hardswish, 'relu6': nn.ReLU6, 'relu': nn.ReLU}
@@ -346,12 +317,12 @@ def make_act(name):
 
 
 class Mlp(nn.Module):
-    """fc1 (C -> hidden) - act - fc2 (hidden -> C), applied to each token on its own."""
+    """fc1 (C -> hidden) - GELU - fc2 (hidden -> C), applied to each token on its own."""
 
-    def __init__(self, dim, hidden_dim, act='gelu'):
+    def __init__(self, dim, hidden_dim):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = make_act(act)
+        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x):
@@ -385,63 +356,55 @@ class ECA(nn.Module):
         return x * rearrange(s, 'b 1 c -> b c 1 1')
 
 
-def fold_batchnorm(weight, bn):
-    """BN(conv(x; W)) = conv(x; W * s) + (beta - mean * s), s = gamma / sqrt(var + eps), with BN's
-    running statistics (inference). Returns the folded weight and bias; W's first dim is BN's."""
-    s = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    return weight * s.reshape(-1, *[1] * (weight.dim() - 1)), bn.bias - bn.running_mean * s
-
-
 class LocalityFeedForward(nn.Module):
-    """LocalViT's locality feed-forward. The residual lives inside; there is no norm before it.
+    """LocalViT's locality feed-forward; the residual lives inside, there is no norm before it.
+    forward(x, grid): x (B, n_prefix + h*w, C); the n_prefix leading tokens (a class token) pass
+    unchanged. kernel_size 1 removes the locality alone (an ablation). Needs torch, einops,
+    seq2img, img2seq, make_act (ACTIVATIONS), SqueezeExcite and ECA."""
 
-    forward(x, grid): x is (B, n_prefix + h*w, C); the n_prefix leading tokens (a class token)
-    pass unchanged. forward_map(y): the same on a (B, C, h, w) map. In eval mode forward takes
-    forward_folded, the same function with the BatchNorms folded away."""
-
-    def __init__(self, dim, expand_ratio=4.0, act='hswish', channel_attn='se', reduction=4):
+    def __init__(self, dim, expand_ratio=4.0, act='hswish', channel_attn='se', reduction=4,
+                 kernel_size=3):
         super().__init__()
         hidden = int(dim * expand_ratio)
+        if channel_attn not in ('se', 'eca', 'none', None):
+            raise ValueError(f"unknown channel_attn {channel_attn!r}; choose 'se', 'eca' or 'none'")
         self.conv1 = nn.Conv2d(dim, hidden, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(hidden)
-        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
+        self.dwconv = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden,
+                                bias=False)
         self.bn2 = nn.BatchNorm2d(hidden)
-        if channel_attn == 'se':
-            self.se = SqueezeExcite(hidden, reduction)
-        elif channel_attn == 'eca':
-            self.se = ECA(hidden)
-        elif channel_attn in (None, 'none'):
-            self.se = nn.Identity()
-        else:
-            raise ValueError(f"unknown channel_attn {channel_attn!r}; choose 'se', 'eca' or None")
+        self.se = {'se': lambda: SqueezeExcite(hidden, reduction), 'eca': lambda: ECA(hidden)}.get(
+            channel_attn, nn.Identity)()
         self.conv2 = nn.Conv2d(hidden, dim, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(dim)
         self.act = make_act(act)
 
-    def forward_map(self, y):                   # (B, C, h, w) -> (B, C, h, w)
+    def forward(self, x, grid):                 # (B, n_prefix + h*w, C) -> same
+        n = grid[0] * grid[1]
+        prefix, y = x[:, :x.shape[1] - n], seq2img(x[:, -n:], grid)     # (B, C, h, w), a view
         z = self.act(self.bn1(self.conv1(y)))
         z = self.se(self.act(self.bn2(self.dwconv(z))))
-        return y + self.bn3(self.conv2(z))
+        y = img2seq(y + self.bn3(self.conv2(z)))
+        return torch.cat([prefix, y], dim=1) if prefix.shape[1] else y
 
-    def forward(self, x, grid):                 # (B, n_prefix + h*w, C) -> same
-        n_prefix = x.shape[1] - grid[0] * grid[1]
-        prefix, patches = x[:, :n_prefix], x[:, n_prefix:]
-        if self.training:
-            patches = img2seq(self.forward_map(seq2img(patches, grid)))
-        else:
-            patches = self.forward_folded(patches, grid)
-        return torch.cat([prefix, patches], dim=1) if n_prefix else patches
 
-    def forward_folded(self, patches, grid):    # (B, h*w, C) -> same; inference only
-        """forward_map's math with each BatchNorm folded into the convolution before it (at
-        inference a BatchNorm is a fixed affine map), and the 1x1 convolutions run as per-token
-        linears: three fewer passes over the hidden map and no layout copies."""
-        w1, b1 = fold_batchnorm(self.conv1.weight.flatten(1), self.bn1)
-        w2, b2 = fold_batchnorm(self.dwconv.weight, self.bn2)
-        w3, b3 = fold_batchnorm(self.conv2.weight.flatten(1), self.bn3)
-        z = seq2img(self.act(F.linear(patches, w1, b1)), grid)
-        z = self.se(self.act(F.conv2d(z, w2, b2, padding=1, groups=z.shape[1])))
-        return patches + F.linear(img2seq(z), w3, b3)
+@torch.no_grad()
+def fuse_batchnorm(model):
+    """For inference: fold every BatchNorm of the locality feed-forwards and the conv stems into
+    the convolution before it (BN(conv(x)) = conv'(x) with W' = W s, b' = β - μ s,
+    s = γ / sqrt(σ² + ε), running statistics). The same function, three fewer passes over the
+    expanded map per block. In place; returns the model, in eval mode."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    model.eval()
+    for m in model.modules():
+        pairs = [('conv1', 'bn1'), ('dwconv', 'bn2'), ('conv2', 'bn3')]
+        if isinstance(m, nn.Sequential):        # the conv stem: conv, BN, ReLU, conv, BN, ...
+            pairs = [(str(i), str(i + 1)) for i in range(len(m) - 1)]
+        for conv, bn in pairs:
+            if isinstance(getattr(m, conv, None), nn.Conv2d) and isinstance(getattr(m, bn, None), nn.BatchNorm2d):
+                setattr(m, conv, fuse_conv_bn_eval(getattr(m, conv), getattr(m, bn)))
+                setattr(m, bn, nn.Identity())
+    return model
 
 
 # ==================================================================================================
@@ -454,27 +417,17 @@ class LocalityFeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """attn: 'mhsa', 'gpsa', or an attention module called as attn(x, grid) (section 7's PVT and
-    Swin bring their own; num_heads and qkv_bias then go unused)."""
+    """A pre-norm block around the attention and the feed-forward modules it is given. Both are
+    called with the patch grid: attn(x, grid); an Mlp as mlp(x), a LocalityFeedForward (which
+    brings its own norm, BatchNorm, and its residual) as lff(x, grid)."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, attn='mhsa',
-                 ffn='mlp', act='gelu', channel_attn='se', reduction=4, locality_strength=1.0,
-                 local_init=True, talking_heads=False, grid=(14, 14), norm_eps=1e-6):
+    def __init__(self, dim, attn, ffn, drop_path=0.0, eps=1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        if isinstance(attn, nn.Module):
-            self.attn = attn
-        elif attn == 'gpsa':
-            self.attn = GPSA(dim, num_heads, qkv_bias, locality_strength=locality_strength,
-                             local_init=local_init, grid=grid)
+        self.norm1, self.attn, self.drop_path = nn.LayerNorm(dim, eps=eps), attn, DropPath(drop_path)
+        if isinstance(ffn, LocalityFeedForward):
+            self.lff = ffn
         else:
-            self.attn = Attention(dim, num_heads, qkv_bias, talking_heads=talking_heads)
-        self.drop_path = DropPath(drop_path)
-        if ffn == 'lff':
-            self.lff = LocalityFeedForward(dim, mlp_ratio, act, channel_attn, reduction)
-        else:
-            self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-            self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
+            self.norm2, self.mlp = nn.LayerNorm(dim, eps=eps), ffn
 
     def forward(self, x, grid):
         x = x + self.drop_path(self.attn(self.norm1(x), grid))
@@ -483,46 +436,52 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def feed_forward(dim, ratio, lff=None):
+    """The MLP, or LocalViT's LFF when lff is a dict of its options (act, channel_attn,
+    reduction, kernel_size)."""
+    return Mlp(dim, int(dim * ratio)) if lff is None else LocalityFeedForward(dim, ratio, **lff)
+
+
 class VisionTransformer(nn.Module):
-    """DeiT / ViT_P, ViT_C (stem_channels), ConViT (local_up_to_layer > 0), LocalViT (ffn='lff')."""
+    """DeiT and ViT_P; ViT_C with conv_stem={'channels': ..., 'strides': ...}; ConViT with
+    local_up_to_layer > 0 (gpsa: GPSA's options, locality_strength and local_init); LocalViT with
+    lff={...} (LocalityFeedForward's options). Each option goes to the one module that uses it."""
 
     def __init__(self, img_size=224, patch_size=None, in_chans=3, num_classes=1000, embed_dim=192,
                  depth=12, num_heads=3, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0,
-                 stem_channels=(), stem_strides=(), local_up_to_layer=0, locality_strength=1.0,
-                 local_init=True, ffn='mlp', act=None, channel_attn='se', reduction=4,
-                 talking_heads=False, init='deit'):
+                 conv_stem=None, local_up_to_layer=0, gpsa=None, lff=None, talking_heads=False,
+                 init='deit'):
         super().__init__()
-        self.img_size, self.in_chans = pair(img_size), in_chans
-        if stem_channels:                       # ViT_C; strides 2 each unless given
-            strides = tuple(stem_strides) or (2,) * len(stem_channels)
+        self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
+        if conv_stem is not None:               # ViT_C; strides 2 each unless given
+            channels = conv_stem['channels']
+            strides = tuple(conv_stem.get('strides') or (2,) * len(channels))
             strides = stem_strides_for(strides, patch_size) if patch_size else strides
-            self.patch_embed = ConvStem(stem_channels, strides, in_chans, embed_dim)
+            self.patch_embed = ConvStem(channels, strides, in_chans, embed_dim)
         else:                                   # ViT_P
             self.patch_embed = PatchEmbed(patch_size or 16, in_chans, embed_dim)
-        self.patch_size = self.patch_embed.stride
-        bad = [s for s in self.img_size if s % self.patch_size]
-        if bad:
-            raise ValueError(f'img_size {self.img_size} is not divisible by the stem stride '
-                             f'{self.patch_size}; use a multiple of {self.patch_size}')
-        self.grid = (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
-        num_patches = self.grid[0] * self.grid[1]
+        self.patch_size = p = self.patch_embed.stride
+        if any(s % p for s in self.img_size):
+            raise ValueError(f'img_size {self.img_size} is not divisible by the stem stride {p}; '
+                             f'use a multiple of {p}')
+        self.grid = (self.img_size[0] // p, self.img_size[1] // p)
         if not 0 <= local_up_to_layer <= depth:
             raise ValueError(f'local_up_to_layer {local_up_to_layer} must lie in [0, depth={depth}]')
         self.cls_at = local_up_to_layer           # the block before which the class token joins
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + (self.cls_at == 0), embed_dim))
-        act = act or ('hswish' if ffn == 'lff' else 'gelu')
+        n = self.grid[0] * self.grid[1] + (self.cls_at == 0)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n, embed_dim))
         dpr = torch.linspace(0, drop_path, depth).tolist()
-        self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i],
-                  attn='gpsa' if i < local_up_to_layer else 'mhsa', ffn=ffn, act=act,
-                  channel_attn=channel_attn, reduction=reduction,
-                  locality_strength=locality_strength, local_init=local_init,
-                  talking_heads=talking_heads, grid=self.grid)
-            for i in range(depth)])
+
+        def attention(i):
+            if i < local_up_to_layer:
+                return GPSA(embed_dim, num_heads, qkv_bias, **(gpsa or {}))
+            return Attention(embed_dim, num_heads, qkv_bias, talking_heads)
+
+        self.blocks = nn.ModuleList([Block(embed_dim, attention(i), feed_forward(embed_dim, mlp_ratio, lff),
+                                           dpr[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes)
-        self.num_classes = num_classes
         # init: DeiT's (trunc_normal .02), or pycls's for ViT_P / ViT_C; then ConViT's local init
         if init == 'pycls':
             init_pycls(self)
@@ -534,6 +493,10 @@ class VisionTransformer(nn.Module):
             if isinstance(m, GPSA) and m.local_init:
                 m.init_local()
 
+    def pos_embed_grids(self):
+        """{state-dict key: (class-token slots, grid)} of every learned position embedding."""
+        return {'pos_embed': (int(self.cls_at == 0), self.grid)}
+
     def check_input(self, x):
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f'expected images (B, {self.in_chans}, H, W), got {tuple(x.shape)}; '
@@ -544,27 +507,24 @@ class VisionTransformer(nn.Module):
                              f'with img_size={tuple(x.shape[-2:])} and load the checkpoint into it '
                              f'(position embeddings are resized)')
 
-    def embed(self, x):
-        """Image -> tokens (B, N0, C) at block 0, plus the patch grid."""
-        self.check_input(x)
-        x = img2seq(self.patch_embed(x))
-        if self.cls_at == 0:                    # DeiT: class token first, then the embedding
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return x + self.pos_embed, self.grid
+    def join_cls(self, x):
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
 
     def forward_features(self, x, return_layers=False):
         """Tokens after the final norm (B, 1 + h*w, C), class token first. With return_layers,
         also the list [embedding, block 1 output, ..., block L output] (before the final norm);
         ConViT's first layers hold patch tokens only (the class token joins later)."""
-        x, grid = self.embed(x)
+        self.check_input(x)
+        x = img2seq(self.patch_embed(x))
+        x = (self.join_cls(x) if self.cls_at == 0 else x) + self.pos_embed
         layers = [x]
         for i, block in enumerate(self.blocks):
             if i == self.cls_at and i > 0:      # ConViT: the class token joins here
-                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-            x = block(x, grid)
+                x = self.join_cls(x)
+            x = block(x, self.grid)
             layers.append(x)
-        if self.cls_at == len(self.blocks) and self.cls_at > 0:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.cls_at == len(self.blocks) > 0:
+            x = self.join_cls(x)
         x = self.norm(x)
         return (x, layers) if return_layers else x
 
@@ -576,33 +536,213 @@ class VisionTransformer(nn.Module):
 
 
 # ==================================================================================================
-# 7. LocalViT beyond DeiT: PVT, Swin, TNT, T2T-ViT (Li et al. 2021)
+# 7. Suppressing over-smoothing: patch diversification (Gong et al. 2021)
+#    With depth, the patch tokens of one image become nearly parallel ("over-smoothing"): their
+#    mean pairwise |cosine| climbs towards 1 (≈ 0.9 in the last layer of a 24-layer DeiT-B).
+#    Three losses, added to the usual one, keep the last layer's patches h^L apart:
+#      cosine       L_cos = 1/(n(n-1)) Σ_{i≠j} |cos(h^L_i, h^L_j)|
+#      contrastive  L_con = -(1/n) Σ_i log softmax_j(sim(e_i, h^L_j) / τ)[i], e = the patch
+#                   embedding (detached): each last-layer patch stays closest to its own input
+#      mixing       CutMix on the patch grid, every patch labelled with the image it came from;
+#                   L_mix = (1/n) Σ_i CE(head_patch(h^L_i), y_i)
+#    The mean |cosine| measured on every layer is the over-smoothing curve (patch_similarity).
+#    The released code's variants (a 3-way contrastive loss, a region-mean mixing loss) sit beside
+#    the paper's. Plain functions on token tensors; the training script weighs and adds them.
+# ==================================================================================================
+
+
+def patch_tokens(layer, grid):
+    """The patch tokens (B, h*w, C) of one layer (B, N, C): its last h*w tokens; a class token,
+    when the layer has one, sits in front."""
+    n = grid[0] * grid[1]
+    if layer.ndim != 3 or layer.shape[1] - n not in (0, 1):
+        raise ValueError(f'a layer of shape {tuple(layer.shape)} does not hold the {n} patch '
+                         f'tokens of a {grid[0]}x{grid[1]} grid (plus at most a class token); '
+                         f'pass the grid of the model that made it (model.grid)')
+    return layer[:, -n:]
+
+
+def patch_cosine_loss(tokens):
+    """L_cos = 1/(n(n-1)) Σ_{i≠j} |cos(h_i, h_j)| over the patch tokens (B, n, C) of one layer,
+    per image, averaged over the batch: 1 when the patches are parallel, 0 when orthogonal.
+    Needs torch."""
+    if tokens.ndim != 3 or tokens.shape[1] < 2:
+        raise ValueError(f'expected patch tokens (B, n, C) with n >= 2 patches, got '
+                         f'{tuple(tokens.shape)}')
+    n = tokens.shape[1]
+    unit = F.normalize(tokens, dim=-1)
+    cos = unit @ unit.transpose(1, 2)                                       # (B, n, n)
+    self_pairs = torch.eye(n, dtype=torch.bool, device=tokens.device)
+    return (cos.abs().masked_fill(self_pairs, 0.0).sum(dim=(1, 2)) / (n * (n - 1))).mean()
+
+
+@torch.no_grad()
+def patch_similarity(layers, grid):
+    """The over-smoothing curve: the mean pairwise |cosine| of the patch tokens of every layer
+    (embedding, block 1, ..., block L), averaged over the images; a 1-D tensor, one value per
+    layer, each in [0, 1] (.tolist() for a list of floats)."""
+    return torch.stack([patch_cosine_loss(patch_tokens(x, grid).float()) for x in layers])
+
+
+def patch_contrastive_loss(embed, last, temperature=0.1, normalize=True):
+    """InfoNCE between the patches of one image: each patch's embedding e_i (the stem's output,
+    before any attention) must pick out its own last-layer token h^L_i (the positive) among all
+    h^L_j of the image (the others are the negatives):
+        L_con = -(1/n) Σ_i log softmax_j(sim(e_i, h^L_j) / τ)[i],  per image, batch-averaged.
+    embed, last: (B, n, C); the embedding is detached (a fixed target: only the last layer
+    moves). The paper's sim is the raw dot product with τ = 1 (normalize=False, temperature=1).
+    The dot products of wide tokens reach the hundreds, where that softmax saturates and exp()
+    overflows in half precision; so by default sim is the cosine with τ = 0.1, the usual
+    InfoNCE temperature: logits within [-10, 10]. Needs torch and einops."""
+    if embed.ndim != 3 or embed.shape != last.shape or embed.shape[1] < 2:
+        raise ValueError(f'expected embedding and last-layer patch tokens of one shape (B, n, C), '
+                         f'n >= 2; got {tuple(embed.shape)} and {tuple(last.shape)}')
+    if not temperature > 0:
+        raise ValueError(f'temperature must be > 0, got {temperature}')
+    anchor = embed.detach()
+    if normalize:
+        anchor, last = F.normalize(anchor, dim=-1), F.normalize(last, dim=-1)
+    logits = anchor @ last.transpose(1, 2) / temperature                  # (B, n, n): (i, j)
+    b, n = logits.shape[:2]
+    positives = torch.arange(n, device=logits.device).repeat(b)            # row i: column i
+    return F.cross_entropy(rearrange(logits, 'b i j -> (b i) j'), positives)
+
+
+def patch_contrastive_loss_released(embed, out, grid, window=7):
+    """The released code's contrastive loss (DiversePatch, deit/models.py, `similarity`). The
+    anchor a_i is the detached patch embedding; three candidates from the last layer after the
+    final norm (out) compete, by raw dot product (no normalisation, τ = 1):
+        positive  out_i                                 the same position
+        negative  Σ_{j≠i} out_j / (n - 1)               the mean of the other patches
+        negative  Σ_{j∈W(i), j≠i} out_j / (k² - 1)      the k x k neighbourhood W(i) (k = 7);
+                  zero-padded at the borders, so the divisor stays k² - 1
+        L = -mean_{b,i} log(softmax([a_i·pos, a_i·neg_1, a_i·neg_2])[0] + 1e-8)
+    The 1e-8 (kept, as released) caps each term at ≈ 18.4. Needs torch, seq2img, img2seq."""
+    h, w = grid
+    if embed.ndim != 3 or embed.shape != out.shape or embed.shape[1] != h * w or h * w < 2:
+        raise ValueError(f'expected embedding and last-layer patch tokens (B, {h * w}, C) for the '
+                         f'{h}x{w} grid, got {tuple(embed.shape)} and {tuple(out.shape)}')
+    anchor = embed.detach()
+    z = seq2img(out, grid)                                                  # (B, C, h, w)
+    window_sum = F.avg_pool2d(z, window, stride=1, padding=window // 2, divisor_override=1)
+    neighbours = (window_sum - z) / (window ** 2 - 1)
+    others = (z.sum(dim=(2, 3), keepdim=True) - z) / (h * w - 1)
+    logits = torch.stack([(anchor * img2seq(c)).sum(-1) for c in (z, others, neighbours)], -1)
+    return -(logits.softmax(dim=-1)[..., 0] + 1e-8).log().mean()           # logits (B, n, 3)
+
+
+def patch_cutmix(images, labels, num_classes, grid, patch_size, alpha=1.0, generator=None,
+                 return_mask=False):
+    """CutMix with the box on the patch grid, so that every patch comes from one image.
+
+    λ ~ Beta(α, α); the box spans round(sqrt(1-λ) h) x round(sqrt(1-λ) w) patches (a fraction
+    ≈ 1 - λ of the grid), placed uniformly at random inside the grid (not clipped, so its area is
+    the one drawn). One box for the batch; image b receives it from image b - 1 (the batch
+    rolled by one, as torchvision's CutMix). images (B, C, h*P, w*P), labels (B,) class indices.
+    Returns
+      mixed         (B, C, H, W)
+      target        (B, num_classes): (1 - a) onehot(y_b) + a onehot(y_{b-1}), a = the exact
+                    pasted fraction of the grid (after rounding to whole patches)
+      patch_labels  (B, h*w) long: the label of the image each patch came from (row-major)
+      mask          (h*w,) bool, True inside the box; only with return_mask=True
+    A conv-stem model's patch_size is its total stride (model.patch_size). The draws come from
+    `generator` (a CPU torch.Generator) or torch's global one. Needs torch and einops."""
+    h, w = grid
+    p = patch_size
+    if images.ndim != 4 or tuple(images.shape[-2:]) != (h * p, w * p):
+        raise ValueError(f'images {tuple(images.shape)} do not fit a {h}x{w} grid of {p}-pixel '
+                         f'patches: expected (B, C, {h * p}, {w * p})')
+    if labels.shape != images.shape[:1] or labels.is_floating_point():
+        raise ValueError(f'expected labels as (B,) = ({images.shape[0]},) class indices, got '
+                         f'{labels.dtype} {tuple(labels.shape)}')
+    if not alpha > 0:
+        raise ValueError(f'alpha must be > 0, got {alpha}')
+    rng = random.Random(int(torch.randint(2 ** 62, (), generator=generator)))
+    cut = math.sqrt(1.0 - rng.betavariate(alpha, alpha))
+    bh, bw = round(h * cut), round(w * cut)                  # the box, in patches
+    top, left = rng.randint(0, h - bh), rng.randint(0, w - bw)
+    rows, cols = slice(top * p, (top + bh) * p), slice(left * p, (left + bw) * p)
+    mixed = images.clone()
+    mixed[:, :, rows, cols] = images.roll(1, dims=0)[:, :, rows, cols]
+    box = torch.zeros(h, w, dtype=torch.bool, device=images.device)
+    box[top:top + bh, left:left + bw] = True
+    mask, rolled = rearrange(box, 'h w -> (h w)'), labels.roll(1, dims=0)
+    patch_labels = torch.where(mask, rolled[:, None], labels[:, None])
+    area = bh * bw / (h * w)
+    target = ((1 - area) * F.one_hot(labels, num_classes).float()
+              + area * F.one_hot(rolled, num_classes).float())
+    return (mixed, target, patch_labels, mask) if return_mask else (mixed, target, patch_labels)
+
+
+class PatchHead(nn.Linear):
+    """The patch classifier of the mixing loss: one Linear(C, num_classes), shared by all patch
+    tokens: (B, n, C) -> (B, n, num_classes), DeiT's init. Feed it the last layer's patch tokens
+    after the final norm (what the class head reads; the released code does the same). It lives
+    beside the model, not inside it, so that the model's state_dict stays the published one."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__(dim, num_classes)
+        init_deit(self)
+
+
+def patch_mixing_loss(patch_logits, patch_labels):
+    """L_mix = (1/n) Σ_i CE(head_patch(h^L_i), y_i): the cross-entropy of each patch's prediction
+    (B, n, K) against the label of the image it came from (B, n), averaged over patches and
+    images. Needs torch and einops."""
+    if patch_logits.ndim != 3 or patch_labels.shape != patch_logits.shape[:2]:
+        raise ValueError(f'expected patch logits (B, n, K) and patch labels (B, n), got '
+                         f'{tuple(patch_logits.shape)} and {tuple(patch_labels.shape)}')
+    return F.cross_entropy(rearrange(patch_logits, 'b n k -> (b n) k'),
+                           rearrange(patch_labels, 'b n -> (b n)'))
+
+
+def region_mixing_loss(head, patches, patch_labels, mask):
+    """The released code's form of the mixing loss: average the patch tokens (B, n, C) of each
+    region (the pasted box, the rest; mask (n,) from patch_cutmix(..., return_mask=True)),
+    classify each region's mean with head, and weight each region's cross-entropy by its area:
+        L = Σ_r (|r| / n) CE(head(mean_{i∈r} h_i), y_r).
+    (The released code also puts a dropout of 0.2 before the head.) Needs torch and einops."""
+    b, n = patches.shape[:2] if patches.ndim == 3 else (None, None)
+    if n is None or patch_labels.shape != (b, n) or mask.shape != (n,) or mask.dtype != torch.bool:
+        raise ValueError(f'expected patch tokens (B, n, C), patch labels (B, n) and a bool mask '
+                         f'(n,), got {tuple(patches.shape)}, {tuple(patch_labels.shape)} and '
+                         f'{mask.dtype} {tuple(mask.shape)}')
+    regions = torch.stack([~mask, mask]).to(patches.dtype)                 # (2, n)
+    size = regions.sum(dim=1)
+    means = regions @ patches / size.clamp(min=1)[:, None]                 # (B, 2, C)
+    labels = patch_labels[:, regions.argmax(dim=1)]                        # (B, 2): any patch's
+    ce = F.cross_entropy(rearrange(head(means), 'b r k -> (b r) k'),
+                         rearrange(labels, 'b r -> (b r)'), reduction='none')
+    return (rearrange(ce, '(b r) -> b r', r=2) * size / n).sum(dim=1).mean()
+
+
+# ==================================================================================================
+# Appendix A. LocalViT beyond DeiT: PVT, Swin, TNT, T2T-ViT (Li et al. 2021)
 #    LocalViT puts the same locality feed-forward into four more transformers, in place of every
-#    (outer) block's norm2 + MLP (ffn='lff': h-swish + SE; a class token bypasses it). They are
-#    built from the pieces above (Block, with PVT's and Swin's own attention modules; Attention,
+#    (outer) block's norm2 + MLP (lff={...}: h-swish + SE; a class token bypasses it). They are
+#    built from the pieces above (Block with PVT's and Swin's own attention modules, Attention,
 #    Mlp, LocalityFeedForward) and share VisionTransformer's interface: img_size, in_chans,
-#    num_classes, grid (the final patch grid), forward_features(x, return_layers), forward_head,
-#    forward. return_layers gives [embedding, block outputs...] on `grid` only: for the pyramids
-#    (PVT, Swin) that is the last stage (its input and its blocks; earlier stages are finer and
-#    wider), for TNT and T2T-ViT the (outer) patch tokens of every block, as in the ViT.
-#    Each family maps the official LocalViT repo's keys onto ours (remap_*, for load_checkpoint)
-#    and names the position embeddings load_checkpoint resizes at another resolution
-#    (pos_embed_grids).
+#    num_classes, grid (the final patch grid), pos_embed_grids, forward_features(x,
+#    return_layers), forward_head, forward. return_layers gives [embedding, block outputs...] on
+#    `grid` only: for the pyramids (PVT, Swin) that is the last stage, for TNT and T2T-ViT the
+#    (outer) patch tokens of every block, as in the ViT.
 # ==================================================================================================
 
 
 class Backbone(nn.Module):
     """What the four families share with VisionTransformer: the input check, the class-token head
-    (Swin, without a class token, overrides it), head(features), and {state-dict key:
-    (class-token slots, grid)} of every position embedding (none by default)."""
+    (Swin, without a class token, overrides it), and no learned position embedding by default."""
     check_input = VisionTransformer.check_input
     forward_head = VisionTransformer.forward_head
+    forward = VisionTransformer.forward
 
-    def pos_embed_grids(self, grid=None):
+    def pos_embed_grids(self):
         return {}
 
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
+
+def with_reduction(lff, reduction):
+    """An LFF's options with the family's SE reduction (None: the MLP)."""
+    return None if lff is None else {'reduction': reduction, **lff}
 
 
 class NormedPatchEmbed(PatchEmbed):
@@ -615,24 +755,6 @@ class NormedPatchEmbed(PatchEmbed):
     def forward(self, x):                       # (B, C, H, W) -> (B, h*w, D), (h, w)
         x = self.proj(x)
         return self.norm(img2seq(x)), tuple(x.shape[-2:])
-
-
-def rename_keys(sd, rules):
-    """Rename every key by the first (regex, replacement) rule that matches its start."""
-    import re
-    out = {}
-    for k, v in sd.items():
-        for pattern, repl in rules:
-            k, found = re.subn(f'^{pattern}', repl, k, count=1)
-            if found:
-                break
-        out[k] = v
-    return out
-
-
-def ffn_act(ffn):
-    """The four families use GELU in their MLPs and h-swish in LocalViT's LFF."""
-    return 'hswish' if ffn == 'lff' else 'gelu'
 
 
 # --- PVT (Wang et al. 2021): a pyramid of four stages --------------------------------------------
@@ -665,49 +787,49 @@ class SpatialReductionAttention(nn.Module):
 
 class PVTStage(nn.Module):
     def __init__(self, in_chans, dim, stride, num_tokens, num_heads, mlp_ratio, sr_ratio, qkv_bias,
-                 drop_paths, ffn):
+                 drop_paths, lff):
         super().__init__()
         self.patch_embed = NormedPatchEmbed(stride, in_chans, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dim))   # [class token +] h*w
         self.blocks = nn.ModuleList([
-            Block(dim, num_heads, mlp_ratio, drop_path=p, ffn=ffn, act=ffn_act(ffn), reduction=dim,
-                  norm_eps=1e-6, attn=SpatialReductionAttention(dim, num_heads, qkv_bias, sr_ratio))
+            Block(dim, SpatialReductionAttention(dim, num_heads, qkv_bias, sr_ratio),
+                  feed_forward(dim, mlp_ratio, with_reduction(lff, dim)), p, eps=1e-6)
             for p in drop_paths])
 
 
 class PVT(Backbone):
     def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000,
                  embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
-                 depths=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1), qkv_bias=True, drop_path=0.0,
-                 ffn='mlp'):
+                 depths=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1), qkv_bias=True, drop_path=0.0, lff=None):
         super().__init__()
         self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
         total = patch_size * 2 ** (len(depths) - 1)
         if any(s % total for s in self.img_size):
             raise ValueError(f'PVT needs an image size divisible by {total} (patch_size x 2 per '
                              f'later stage), got {self.img_size}')
-        self.grid = tuple(s // total for s in self.img_size)
+        self.grid, self.num_stages = tuple(s // total for s in self.img_size), len(depths)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[-1]))
         dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
         self.stages = nn.ModuleList()
         for i, dim in enumerate(embed_dims):
             last, drop_paths = i == len(depths) - 1, dpr[sum(depths[:i]):sum(depths[:i + 1])]
-            h, w = (s * 2 ** (len(depths) - 1 - i) for s in self.grid)
+            h, w = self.stage_grid(i)
             self.stages.append(PVTStage(
                 embed_dims[i - 1] if i else in_chans, dim, 2 if i else patch_size,
-                last + h * w, num_heads[i], mlp_ratios[i], sr_ratios[i], qkv_bias, drop_paths, ffn))
+                last + h * w, num_heads[i], mlp_ratios[i], sr_ratios[i], qkv_bias, drop_paths, lff))
         self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)
         self.head = nn.Linear(embed_dims[-1], num_classes)
         self.apply(init_deit)
         for t in [self.cls_token] + [stage.pos_embed for stage in self.stages]:
             nn.init.trunc_normal_(t, std=0.02)
 
-    def pos_embed_grids(self, grid=None):
-        """Each stage's position embedding for the final grid `grid` (default: this model's)."""
-        (h, w), n = grid or self.grid, len(self.stages)
-        scale = [2 ** (n - 1 - i) for i in range(n)]      # stage i's grid: scale[i] x the final one
-        return {f'stages.{i}.pos_embed': (int(i == n - 1), (h * scale[i], w * scale[i]))
-                for i in range(n)}
+    def stage_grid(self, i):
+        """Stage i's grid: 2^(stages - 1 - i) x the final one."""
+        return tuple(s * 2 ** (self.num_stages - 1 - i) for s in self.grid)
+
+    def pos_embed_grids(self):
+        return {f'stages.{i}.pos_embed': (int(i == self.num_stages - 1), self.stage_grid(i))
+                for i in range(self.num_stages)}
 
     def forward_features(self, x, return_layers=False):
         """Tokens after the final norm (B, 1 + h*w, C), class token first; with return_layers, also
@@ -727,14 +849,6 @@ class PVT(Backbone):
                 x = seq2img(x, grid)            # tokens -> map for the next stage
         x = self.norm(x)
         return (x, layers) if return_layers else x
-
-
-def remap_pvt(sd):
-    """Official PVT / LocalViT-PVT: patch_embed<i>, pos_embed<i>, block<i> -> stages.<i-1>."""
-    stage = lambda m: f'stages.{int(m[1]) - 1}.'
-    return rename_keys(sd, [(r'patch_embed(\d)\.', lambda m: stage(m) + 'patch_embed.'),
-                            (r'pos_embed(\d)$', lambda m: stage(m) + 'pos_embed'),
-                            (r'block(\d)\.', lambda m: stage(m) + 'blocks.')])
 
 
 # --- Swin (Liu et al. 2021): attention in shifted windows -----------------------------------------
@@ -818,14 +932,13 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    def __init__(self, dim, grid, num_heads, window_size, mlp_ratio, qkv_bias, drop_paths, ffn,
+    def __init__(self, dim, grid, num_heads, window_size, mlp_ratio, qkv_bias, drop_paths, lff,
                  downsample):
         super().__init__()
         shift = window_size // 2 if min(grid) > window_size else 0     # the reference's rule
         self.blocks = nn.ModuleList([
-            Block(dim, num_heads, mlp_ratio, drop_path=p, ffn=ffn, act=ffn_act(ffn),
-                  reduction=dim // 4, norm_eps=1e-5, attn=WindowAttention(
-                      dim, num_heads, window_size, shift if i % 2 else 0, qkv_bias))
+            Block(dim, WindowAttention(dim, num_heads, window_size, shift if i % 2 else 0, qkv_bias),
+                  feed_forward(dim, mlp_ratio, with_reduction(lff, dim // 4)), p, eps=1e-5)
             for i, p in enumerate(drop_paths)])
         self.downsample = PatchMerging(dim) if downsample else None
 
@@ -833,7 +946,7 @@ class SwinStage(nn.Module):
 class Swin(Backbone):
     def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96,
                  depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4.0,
-                 qkv_bias=True, drop_path=0.0, ffn='mlp'):
+                 qkv_bias=True, drop_path=0.0, lff=None):
         super().__init__()
         self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
         if any(s % patch_size for s in self.img_size):
@@ -846,7 +959,7 @@ class Swin(Backbone):
         for i in range(len(depths)):
             last, drop_paths = i == len(depths) - 1, dpr[sum(depths[:i]):sum(depths[:i + 1])]
             self.stages.append(SwinStage(embed_dim * 2 ** i, grid, num_heads[i], window_size,
-                                         mlp_ratio, qkv_bias, drop_paths, ffn, downsample=not last))
+                                         mlp_ratio, qkv_bias, drop_paths, lff, downsample=not last))
             grid = grid if last else ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
         self.grid, dim = grid, embed_dim * 2 ** (len(depths) - 1)
         self.norm = nn.LayerNorm(dim)
@@ -875,13 +988,6 @@ class Swin(Backbone):
         return self.head(x.mean(dim=1))
 
 
-def remap_swin(sd):
-    """Official Swin / LocalViT-Swin: layers.<i> -> stages.<i>. Its attn_mask and
-    relative_position_index buffers are dropped: we rebuild both from the grid and the window."""
-    sd = {k: v for k, v in sd.items() if not k.endswith(('.attn_mask', '.relative_position_index'))}
-    return rename_keys(sd, [(r'layers\.', 'stages.')])
-
-
 # --- TNT (Han et al. 2021): a transformer inside every patch --------------------------------------
 # Each 16 x 16 patch is also a sequence of p x p "pixel" tokens (width in_dim, from a 7x7 stride-4
 # convolution). A block runs an inner transformer over the pixels of each patch, adds the pixels
@@ -893,13 +999,14 @@ def remap_swin(sd):
 
 class TNTBlock(nn.Module):
     def __init__(self, dim, in_dim, num_pixel, num_heads, in_num_heads, mlp_ratio, qkv_bias,
-                 drop_path, ffn):
+                 drop_path, lff):
         super().__init__()
-        self.inner = Block(in_dim, in_num_heads, 4.0, qkv_bias, drop_path, norm_eps=1e-5)
+        self.inner = Block(in_dim, Attention(in_dim, in_num_heads, qkv_bias), Mlp(in_dim, 4 * in_dim),
+                           drop_path, eps=1e-5)
         self.pixel_norm = nn.LayerNorm(in_dim)
         self.pixel_proj = nn.Linear(num_pixel * in_dim, dim)
-        self.outer = Block(dim, num_heads, mlp_ratio, qkv_bias, drop_path, ffn=ffn,
-                           act=ffn_act(ffn), reduction=dim, norm_eps=1e-5)
+        self.outer = Block(dim, Attention(dim, num_heads, qkv_bias),
+                           feed_forward(dim, mlp_ratio, with_reduction(lff, dim)), drop_path, eps=1e-5)
 
     def forward(self, pixels, patches, grid):   # (B*h*w, p*p, c), (B, 1 + h*w, C)
         pixels = self.inner(pixels, None)
@@ -911,7 +1018,7 @@ class TNTBlock(nn.Module):
 class TNT(Backbone):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=192,
                  in_dim=12, depth=12, num_heads=3, in_num_heads=3, mlp_ratio=4.0, qkv_bias=False,
-                 first_stride=4, drop_path=0.0, ffn='mlp'):
+                 first_stride=4, drop_path=0.0, lff=None):
         super().__init__()
         self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
         if any(s % patch_size for s in self.img_size) or patch_size % first_stride:
@@ -927,16 +1034,16 @@ class TNT(Backbone):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.patch_pos = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
         self.blocks = nn.ModuleList([
-            TNTBlock(embed_dim, in_dim, p * p, num_heads, in_num_heads, mlp_ratio, qkv_bias, dp,
-                     ffn) for dp in torch.linspace(0, drop_path, depth).tolist()])
+            TNTBlock(embed_dim, in_dim, p * p, num_heads, in_num_heads, mlp_ratio, qkv_bias, dp, lff)
+            for dp in torch.linspace(0, drop_path, depth).tolist()])
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
         self.apply(init_deit)
         for t in (self.cls_token, self.patch_pos, self.pixel_pos):
             nn.init.trunc_normal_(t, std=0.02)
 
-    def pos_embed_grids(self, grid=None):       # pixel_pos does not depend on the image size
-        return {'patch_pos': (1, tuple(grid or self.grid))}
+    def pos_embed_grids(self):                  # pixel_pos does not depend on the image size
+        return {'patch_pos': (1, self.grid)}
 
     def forward_features(self, x, return_layers=False):
         """Patch tokens after the final norm (B, 1 + h*w, C), class token first; with
@@ -955,22 +1062,6 @@ class TNT(Backbone):
             layers.append(patches)
         x = self.norm(patches)
         return (x, layers) if return_layers else x
-
-
-def remap_tnt(sd):
-    """Official TNT / LocalViT-TNT: the pixel and patch embeddings and the inner/outer halves of a
-    block get our names; pixel_pos (1, c, p, p) -> (1, p*p, c); qk and v fuse into one qkv."""
-    block = {'norm_in': 'inner.norm1', 'attn_in': 'inner.attn', 'norm_mlp_in': 'inner.norm2',
-             'mlp_in': 'inner.mlp', 'norm1_proj': 'pixel_norm', 'proj': 'pixel_proj',
-             'norm_out': 'outer.norm1', 'attn_out': 'outer.attn', 'norm_mlp': 'outer.norm2',
-             'mlp': 'outer.mlp', 'conv': 'outer.conv'}           # conv: LocalViT's LFF
-    sd = rename_keys(sd, [(r'pixel_embed\.proj\.', 'pixel_embed.'), (r'proj\.', 'pixel_proj.'),
-                          (r'norm1_proj\.', 'pixel_norm.'), (r'norm2_proj\.', 'patch_norm.')] +
-                     [(rf'(blocks\.\d+)\.{old}\.', rf'\1.{new}.') for old, new in block.items()])
-    sd['pixel_pos'] = rearrange(sd['pixel_pos'], '1 c i j -> 1 (i j) c')
-    for k in [k for k in sd if k.endswith(('.qk.weight', '.qk.bias'))]:
-        sd[k.replace('.qk.', '.qkv.')] = torch.cat([sd.pop(k), sd.pop(k.replace('.qk.', '.v.'))])
-    return sd
 
 
 # --- T2T-ViT (Yuan et al. 2021): tokens-to-token ------------------------------------------------
@@ -1001,7 +1092,7 @@ def sinusoid_table(n, dim):
 
 
 class TokenPerformer(nn.Module):
-    def __init__(self, dim, token_dim, ffn='mlp', kernel_ratio=0.5, drop=0.1):
+    def __init__(self, dim, token_dim, with_lff=False, kernel_ratio=0.5, drop=0.1):
         super().__init__()
         m = int(token_dim * kernel_ratio)
         self.norm1 = nn.LayerNorm(dim)
@@ -1010,7 +1101,7 @@ class TokenPerformer(nn.Module):
         omega = nn.init.orthogonal_(torch.empty(m, token_dim)) * math.sqrt(m)
         self.random_features = nn.Parameter(omega, requires_grad=False)
         self.drop = nn.Dropout(drop)            # 0.1, hard-coded in the reference
-        if ffn == 'lff':
+        if with_lff:
             self.lff = LocalityFeedForward(token_dim, 1.0, 'hswish', None)
         else:
             self.norm2 = nn.LayerNorm(token_dim)
@@ -1031,10 +1122,10 @@ class TokenPerformer(nn.Module):
 
 
 class TokensToToken(nn.Module):
-    def __init__(self, in_chans, token_dim, embed_dim, ffn):
+    def __init__(self, in_chans, token_dim, embed_dim, with_lff):
         super().__init__()
-        self.performer1 = TokenPerformer(in_chans * 7 * 7, token_dim, ffn)
-        self.performer2 = TokenPerformer(token_dim * 3 * 3, token_dim, ffn)
+        self.performer1 = TokenPerformer(in_chans * 7 * 7, token_dim, with_lff)
+        self.performer2 = TokenPerformer(token_dim * 3 * 3, token_dim, with_lff)
         self.project = nn.Linear(token_dim * 3 * 3, embed_dim)
 
     def forward(self, x):                       # (B, C, H, W) -> (B, h*w, D), (h, w)
@@ -1046,28 +1137,24 @@ class TokensToToken(nn.Module):
 
 class T2TViT(Backbone):
     def __init__(self, img_size=224, in_chans=3, num_classes=1000, embed_dim=256, depth=7,
-                 num_heads=4, mlp_ratio=2.0, token_dim=64, qkv_bias=False, drop_path=0.0,
-                 ffn='mlp', reduction=128):
+                 num_heads=4, mlp_ratio=2.0, token_dim=64, qkv_bias=False, drop_path=0.0, lff=None):
         super().__init__()
         self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
         self.grid = self.img_size
         for kernel, stride, padding in SOFT_SPLITS:          # the grid after the soft splits
             self.grid = tuple((s + 2 * padding - kernel) // stride + 1 for s in self.grid)
-        self.tokens_to_token = TokensToToken(in_chans, token_dim, embed_dim, ffn)
+        self.tokens_to_token = TokensToToken(in_chans, token_dim, embed_dim, lff is not None)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sinusoid_table(1 + self.grid[0] * self.grid[1], embed_dim),
-                                      requires_grad=False)
+                                      requires_grad=False)   # a fixed function of the grid
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dp, ffn=ffn, act=ffn_act(ffn),
-                  reduction=reduction, norm_eps=1e-5)
+            Block(embed_dim, Attention(embed_dim, num_heads, qkv_bias),
+                  feed_forward(embed_dim, mlp_ratio, lff), dp, eps=1e-5)
             for dp in torch.linspace(0, drop_path, depth).tolist()])
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
         self.apply(init_deit)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-
-    def pos_embed_grids(self, grid=None):       # a fixed function of the grid: no resizing needed
-        return {'pos_embed': None}
 
     def forward_features(self, x, return_layers=False):
         """Tokens after the final norm (B, 1 + h*w, C), class token first; with return_layers,
@@ -1083,275 +1170,8 @@ class T2TViT(Backbone):
         return (x, layers) if return_layers else x
 
 
-def remap_t2t(sd):
-    """Official T2T-ViT / LocalViT-T2T: tokens_to_token.attention<i> -> performer<i>, w ->
-    random_features, kqv -> qkv (rows reordered: the reference splits k, q, v)."""
-    import re
-    # LocalViT-T2T's performers still create norm2, but their LFF replaces norm2 + MLP: unused
-    with_lff = {k.split('.conv.conv.')[0] for k in sd if '.conv.conv.' in k}
-    sd = {k: v for k, v in sd.items() if not (
-        re.fullmatch(r'(.*)\.norm2\.(weight|bias)', k) and k.rsplit('.norm2.', 1)[0] in with_lff)}
-    p = r'tokens_to_token\.attention(\d)\.'
-    sd = rename_keys(sd, [(p + r'kqv\.', r'tokens_to_token.performer\1.qkv.'),
-                          (p + r'w$', r'tokens_to_token.performer\1.random_features'),
-                          (p + r'mlp\.0\.', r'tokens_to_token.performer\1.mlp.fc1.'),
-                          (p + r'mlp\.2\.', r'tokens_to_token.performer\1.mlp.fc2.'),
-                          (p, r'tokens_to_token.performer\1.')])
-    for k in [k for k in sd if k.startswith('tokens_to_token.') and '.qkv.' in k]:
-        key, query, value = sd[k].chunk(3)
-        sd[k] = torch.cat([query, key, value])
-    return sd
-
-
 # ==================================================================================================
-# 8. Suppressing over-smoothing: patch diversification (Gong et al. 2021)
-#    With depth, the patch tokens of one image become nearly parallel ("over-smoothing"): their
-#    mean pairwise |cosine| climbs towards 1 (≈ 0.9 in the last layer of a 24-layer DeiT-B).
-#    Three losses, added to the usual one, keep the last layer's patches h^L apart:
-#      cosine       L_cos = 1/(n(n-1)) Σ_{i≠j} |cos(h^L_i, h^L_j)|
-#      contrastive  L_con = -(1/n) Σ_i log softmax_j(sim(h¹_i, h^L_j) / τ)[i]   (h¹ detached):
-#                   each last-layer patch stays closest to its own first-layer self
-#      mixing       CutMix on the patch grid, every patch labelled with the image it came from;
-#                   L_mix = (1/n) Σ_i CE(head_patch(h^L_i), y_i)
-#    The mean |cosine| measured on every layer is the over-smoothing curve (patch_similarity).
-#    The released code's variants (a 3-way contrastive loss, a region-mean mixing loss) sit beside
-#    the paper's, as documented alternatives. Plain functions on token tensors: diversity_tokens
-#    picks the tokens out of forward_features(x, return_layers=True); the training script weighs
-#    (parse_diverse) and adds the losses.
-# ==================================================================================================
-
-DIVERSE_LOSSES = ('cos', 'con', 'mix')
-
-
-def parse_diverse(spec):
-    """'cos,con,mix' (weight 1 each) or 'cos=1,con=0.5' -> {'cos': 1.0, 'con': 0.5, 'mix': 0.0}.
-    A loss left out gets weight 0; an empty spec turns them all off."""
-    weights = dict.fromkeys(DIVERSE_LOSSES, 0.0)
-    if not (spec or '').strip():
-        return weights
-    allowed = ', '.join(DIVERSE_LOSSES)
-    seen = set()
-    for part in spec.split(','):
-        name, has_weight, value = (s.strip() for s in part.partition('='))
-        if name not in DIVERSE_LOSSES:
-            raise ValueError(f'unknown over-smoothing loss {part.strip()!r} in {spec!r}; choose '
-                             f'from {allowed}, e.g. "cos=1,con=1,mix=1"')
-        if name in seen:
-            raise ValueError(f'{name!r} is given twice in {spec!r}')
-        seen.add(name)
-        try:
-            weight = float(value) if has_weight else 1.0
-        except ValueError:
-            weight = None
-        if weight is None or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f'malformed weight in {part.strip()!r} of {spec!r}: a weight is a '
-                             f'number >= 0 (losses: {allowed})')
-        weights[name] = weight
-    return weights
-
-
-def patch_tokens(layer, grid):
-    """The patch tokens (B, h*w, C) of one layer (B, N, C): its last h*w tokens; a class token,
-    when the layer has one, sits in front."""
-    n = grid[0] * grid[1]
-    if layer.ndim != 3 or layer.shape[1] - n not in (0, 1):
-        raise ValueError(f'a layer of shape {tuple(layer.shape)} does not hold the {n} patch '
-                         f'tokens of a {grid[0]}x{grid[1]} grid (plus at most a class token); '
-                         f'pass the grid of the model that made it (model.grid)')
-    return layer[:, -n:]
-
-
-DiverseTokens = namedtuple('DiverseTokens', 'embed first last out')
-
-
-def diversity_tokens(tokens, layers, grid, pos_embed=None):
-    """The patch tokens (B, h*w, C) the losses need, from forward_features(x, return_layers=True):
-      embed  the embedding (layer 0); given the model's pos_embed, the stem's output before the
-             position embedding is added: the anchor of the released contrastive loss
-      first  block 1's output h¹: the anchor of the paper's contrastive loss
-      last   block L's output h^L, before the final norm: for the cosine and contrastive losses
-             (the tokens the over-smoothing curve measures)
-      out    block L's output after the final norm, what the class head reads: for the patch
-             classifier and the released contrastive loss
-    A class token (DeiT: in every layer; ConViT: only after the GPSA blocks) is dropped."""
-    if len(layers) < 2:
-        raise ValueError(f'expected [embedding, block 1, ..., block L] (at least 2 layers), got '
-                         f'{len(layers)}; call forward_features(x, return_layers=True)')
-    embed = patch_tokens(layers[0], grid)
-    if pos_embed is not None:
-        embed = embed - pos_embed[:, -embed.shape[1]:]
-    return DiverseTokens(embed, patch_tokens(layers[1], grid), patch_tokens(layers[-1], grid),
-                         patch_tokens(tokens, grid))
-
-
-def patch_cosine_loss(tokens):
-    """L_cos = 1/(n(n-1)) Σ_{i≠j} |cos(h_i, h_j)| over the patch tokens (B, n, C) of one layer,
-    per image, averaged over the batch: 1 when the patches are parallel, 0 when orthogonal."""
-    if tokens.ndim != 3 or tokens.shape[1] < 2:
-        raise ValueError(f'expected patch tokens (B, n, C) with n >= 2 patches, got '
-                         f'{tuple(tokens.shape)}')
-    n = tokens.shape[1]
-    unit = F.normalize(tokens, dim=-1)
-    cos = unit @ unit.transpose(1, 2)                                       # (B, n, n)
-    self_pairs = torch.eye(n, dtype=torch.bool, device=tokens.device)
-    return (cos.abs().masked_fill(self_pairs, 0.0).sum(dim=(1, 2)) / (n * (n - 1))).mean()
-
-
-@torch.no_grad()
-def patch_similarity(layers, grid):
-    """The over-smoothing curve: the mean pairwise |cosine| of the patch tokens of every layer
-    (embedding, block 1, ..., block L), averaged over the images; a 1-D tensor, one value per
-    layer, each in [0, 1] (.tolist() for a list of floats)."""
-    return torch.stack([patch_cosine_loss(patch_tokens(x, grid).float()) for x in layers])
-
-
-def patch_contrastive_loss(first, last, temperature=0.1, normalize=True):
-    """InfoNCE between the patches of one image: each first-layer token h¹_i must pick out its
-    own last-layer token h^L_i (the positive) among all h^L_j of the image (the others are the
-    negatives):
-        L_con = -(1/n) Σ_i log softmax_j(sim(h¹_i, h^L_j) / τ)[i],  per image, batch-averaged.
-    first, last: (B, n, C); h¹ is detached (a fixed target: only the last layer moves).
-    The paper's sim is the raw dot product with τ = 1: normalize=False, temperature=1. But the
-    dot products of wide tokens reach the hundreds, where the softmax saturates and exp()
-    overflows in half precision; so by default sim is the cosine (L2-normalised tokens) with
-    τ = 0.1, the usual InfoNCE temperature: logits within [-10, 10]."""
-    if first.ndim != 3 or first.shape != last.shape or first.shape[1] < 2:
-        raise ValueError(f'expected first- and last-layer patch tokens of one shape (B, n, C), '
-                         f'n >= 2; got {tuple(first.shape)} and {tuple(last.shape)}')
-    if not temperature > 0:
-        raise ValueError(f'temperature must be > 0, got {temperature}')
-    anchor = first.detach()
-    if normalize:
-        anchor, last = F.normalize(anchor, dim=-1), F.normalize(last, dim=-1)
-    logits = anchor @ last.transpose(1, 2) / temperature                  # (B, n, n): (i, j)
-    b, n = logits.shape[:2]
-    positives = torch.arange(n, device=logits.device).repeat(b)            # row i: column i
-    return F.cross_entropy(rearrange(logits, 'b i j -> (b i) j'), positives)
-
-
-def patch_contrastive_loss_released(embed, out, grid, window=7):
-    """The released code's contrastive loss (DiversePatch, deit/models.py, `similarity`): an
-    alternative to the paper's. The anchor a_i is the detached stem output (patch embedding
-    before the position embedding, diversity_tokens(..., pos_embed=model.pos_embed).embed), and
-    three candidates from the last layer after the final norm (.out) compete, by raw dot
-    product (no normalisation, τ = 1):
-        positive  out_i                                 the same position
-        negative  Σ_{j≠i} out_j / (n - 1)               the mean of the other patches
-        negative  Σ_{j∈W(i), j≠i} out_j / (k² - 1)      the k x k neighbourhood W(i) (k = 7);
-                  zero-padded at the borders (avg_pool2d counting the padding), so the
-                  divisor stays k² - 1
-        L = -mean_{b,i} log(softmax([a_i·pos, a_i·neg_1, a_i·neg_2])[0] + 1e-8)
-    The 1e-8 (kept, as released) caps each term at ≈ 18.4."""
-    h, w = grid
-    if embed.ndim != 3 or embed.shape != out.shape or embed.shape[1] != h * w or h * w < 2:
-        raise ValueError(f'expected embedding and last-layer patch tokens (B, {h * w}, C) for the '
-                         f'{h}x{w} grid, got {tuple(embed.shape)} and {tuple(out.shape)}')
-    if window < 3 or window % 2 == 0:
-        raise ValueError(f'window must be odd and >= 3, got {window}')
-    anchor = embed.detach()
-    z = seq2img(out, grid)                                                  # (B, C, h, w)
-    window_sum = F.avg_pool2d(z, window, stride=1, padding=window // 2, divisor_override=1)
-    neighbours = (window_sum - z) / (window ** 2 - 1)
-    others = (z.sum(dim=(2, 3), keepdim=True) - z) / (h * w - 1)
-    logits = torch.stack([(anchor * img2seq(c)).sum(-1) for c in (z, others, neighbours)], -1)
-    return -(logits.softmax(dim=-1)[..., 0] + 1e-8).log().mean()           # logits (B, n, 3)
-
-
-def patch_cutmix(images, labels, num_classes, grid, patch_size, alpha=1.0, generator=None,
-                 return_mask=False):
-    """CutMix with the box on the patch grid, so that every patch comes from one image.
-
-    λ ~ Beta(α, α); the box spans round(sqrt(1-λ) h) x round(sqrt(1-λ) w) patches (a fraction
-    ≈ 1 - λ of the grid), placed uniformly at random inside the grid (not clipped, so its area is
-    the one drawn). One box for the batch; image b receives it from image b - 1 (the batch
-    rolled by one, as torchvision's CutMix). images (B, C, h*P, w*P), labels (B,) class indices.
-    Returns
-      mixed         (B, C, H, W)
-      target        (B, num_classes): (1 - a) onehot(y_b) + a onehot(y_{b-1}), a = the exact
-                    pasted fraction of the grid (after rounding to whole patches)
-      patch_labels  (B, h*w) long: the label of the image each patch came from (row-major)
-      mask          (h*w,) bool, True inside the box; only with return_mask=True
-    A conv-stem model's patch_size is its total stride (model.patch_size): a patch is one stride
-    cell (its token also sees a few pixels across the cell's border).
-    The draws come from `generator` (a CPU torch.Generator) or torch's global generator, so
-    torch.manual_seed makes them reproducible."""
-    h, w = grid
-    p = patch_size
-    if images.ndim != 4 or tuple(images.shape[-2:]) != (h * p, w * p):
-        raise ValueError(f'images {tuple(images.shape)} do not fit a {h}x{w} grid of {p}-pixel '
-                         f'patches: expected (B, C, {h * p}, {w * p})')
-    if labels.shape != images.shape[:1] or labels.is_floating_point():
-        raise ValueError(f'expected labels as (B,) = ({images.shape[0]},) class indices, got '
-                         f'{labels.dtype} {tuple(labels.shape)}')
-    if not alpha > 0:
-        raise ValueError(f'alpha must be > 0, got {alpha}')
-    rng = random.Random(int(torch.randint(2 ** 62, (), generator=generator)))
-    cut = math.sqrt(1.0 - rng.betavariate(alpha, alpha))
-    bh, bw = round(h * cut), round(w * cut)                  # the box, in patches
-    top, left = rng.randint(0, h - bh), rng.randint(0, w - bw)
-    rows, cols = slice(top * p, (top + bh) * p), slice(left * p, (left + bw) * p)
-    mixed = images.clone()
-    mixed[:, :, rows, cols] = images.roll(1, dims=0)[:, :, rows, cols]
-    box = torch.zeros(h, w, dtype=torch.bool, device=images.device)
-    box[top:top + bh, left:left + bw] = True
-    mask = rearrange(box, 'h w -> (h w)')
-    rolled = labels.roll(1, dims=0)
-    patch_labels = torch.where(mask, rolled[:, None], labels[:, None])     # (B, h*w)
-    area = bh * bw / (h * w)
-    target = ((1 - area) * F.one_hot(labels, num_classes).float()
-              + area * F.one_hot(rolled, num_classes).float())
-    return (mixed, target, patch_labels, mask) if return_mask else (mixed, target, patch_labels)
-
-
-class PatchHead(nn.Linear):
-    """The patch classifier of the mixing loss: one Linear(C, num_classes), shared by all patch
-    tokens: (B, n, C) -> (B, n, num_classes), DeiT's init.
-    Feed it the last layer's patch tokens after the final norm (diversity_tokens(...).out, what
-    the class head reads; the released code does the same). It lives beside the model, not inside
-    it, so that the model's state_dict stays the published architecture's: the training script
-    gives its parameters to the optimizer and saves its state_dict next to the model's."""
-
-    def __init__(self, dim, num_classes):
-        super().__init__(dim, num_classes)
-        init_deit(self)
-
-
-def patch_mixing_loss(patch_logits, patch_labels, label_smoothing=0.0):
-    """L_mix = (1/n) Σ_i CE(head_patch(h^L_i), y_i): the cross-entropy of each patch's prediction
-    (B, n, K) against the label of the image it came from (B, n), averaged over patches and
-    images."""
-    if patch_logits.ndim != 3 or patch_labels.shape != patch_logits.shape[:2]:
-        raise ValueError(f'expected patch logits (B, n, K) and patch labels (B, n), got '
-                         f'{tuple(patch_logits.shape)} and {tuple(patch_labels.shape)}')
-    return F.cross_entropy(rearrange(patch_logits, 'b n k -> (b n) k'),
-                           rearrange(patch_labels, 'b n -> (b n)'), label_smoothing=label_smoothing)
-
-
-def region_mixing_loss(head, patches, patch_labels, mask, label_smoothing=0.0):
-    """The released code's form of the mixing loss (an alternative to patch_mixing_loss): average
-    the patch tokens (B, n, C) of each region (the pasted box, the rest), classify each region's
-    mean with head, and weight each region's cross-entropy by its area fraction:
-        L = Σ_r (|r| / n) CE(head(mean_{i∈r} h_i), y_r).
-    mask (n,) is patch_cutmix's (return_mask=True). The released code also puts a dropout
-    (p 0.2) before the head (pass head=nn.Sequential(nn.Dropout(0.2), patch_head)) and uses the
-    regions' soft labels (here: class indices, with optional label smoothing)."""
-    b, n = patches.shape[:2] if patches.ndim == 3 else (None, None)
-    if n is None or patch_labels.shape != (b, n) or mask.shape != (n,) or mask.dtype != torch.bool:
-        raise ValueError(f'expected patch tokens (B, n, C), patch labels (B, n) and a bool mask '
-                         f'(n,), got {tuple(patches.shape)}, {tuple(patch_labels.shape)} and '
-                         f'{mask.dtype} {tuple(mask.shape)}')
-    regions = torch.stack([~mask, mask]).to(patches.dtype)                 # (2, n)
-    size = regions.sum(dim=1)
-    means = regions @ patches / size.clamp(min=1)[:, None]                 # (B, 2, C)
-    labels = patch_labels[:, regions.argmax(dim=1)]                        # (B, 2): any patch's
-    ce = F.cross_entropy(rearrange(head(means), 'b r k -> (b r) k'),
-                         rearrange(labels, 'b r -> (b r)'), reduction='none',
-                         label_smoothing=label_smoothing)
-    return (rearrange(ce, '(b r) -> b r', r=2) * size / n).sum(dim=1).mean()
-
-
-# ==================================================================================================
-# 9. Model zoo: names -> configurations (the papers' published models)
+# Appendix B. The model zoo: names -> configurations (the papers' published models)
 # ==================================================================================================
 
 def _vit(**cfg):
@@ -1359,9 +1179,8 @@ def _vit(**cfg):
 
 
 _CONVIT = dict(local_up_to_layer=10, qkv_bias=False)
-_LOCALVIT = dict(ffn='lff', act='hswish', channel_attn='se')
 _PYCLS = dict(init='pycls')
-_STEM_18GF = dict(stem_channels=(64, 128, 128, 256, 256, 512), stem_strides=(2, 2, 1, 2, 1, 2))
+_STEM_18GF = dict(channels=(64, 128, 128, 256, 256, 512), strides=(2, 2, 1, 2, 1, 2))
 _PVT_T = dict(patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8),
               mlp_ratios=(8, 8, 4, 4), depths=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1), qkv_bias=True)
 _SWIN_T = dict(patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
@@ -1386,71 +1205,83 @@ MODELS = {
     'convit_b': _vit(embed_dim=768, depth=12, num_heads=16, **_CONVIT),
     'convit_b_plus': _vit(embed_dim=1024, depth=12, num_heads=16, **_CONVIT),
     # LocalViT (Li et al. 2021): SE reduction divides the expanded width (768 / 192 = 4 channels)
-    'localvit_t': _vit(embed_dim=192, depth=12, num_heads=4, reduction=192, **_LOCALVIT),
-    'localvit_t_se4': _vit(embed_dim=192, depth=12, num_heads=4, reduction=4, **_LOCALVIT),
-    'localvit_s': _vit(embed_dim=384, depth=12, num_heads=8, reduction=384, **_LOCALVIT),
-    'localvit_t_relu6': _vit(embed_dim=192, depth=12, num_heads=4, mlp_ratio=6, ffn='lff',
-                             act='relu6', channel_attn=None),
+    'localvit_t': _vit(embed_dim=192, depth=12, num_heads=4, lff=dict(reduction=192)),
+    'localvit_t_se4': _vit(embed_dim=192, depth=12, num_heads=4, lff=dict(reduction=4)),
+    'localvit_s': _vit(embed_dim=384, depth=12, num_heads=8, lff=dict(reduction=384)),
+    'localvit_t_relu6': _vit(embed_dim=192, depth=12, num_heads=4, mlp_ratio=6,
+                             lff=dict(act='relu6', channel_attn='none')),
     # Early convolutions (Xiao et al. 2021): ViT_C drops one block to match ViT_P's FLOPs
     'vit_p_1gf': _vit(embed_dim=192, depth=12, num_heads=3, mlp_ratio=3, **_PYCLS),
     'vit_c_1gf': _vit(embed_dim=192, depth=11, num_heads=3, mlp_ratio=3, **_PYCLS,
-                      stem_channels=(24, 48, 96, 192), stem_strides=(2, 2, 2, 2)),
+                      conv_stem=dict(channels=(24, 48, 96, 192), strides=(2, 2, 2, 2))),
     'vit_p_4gf': _vit(embed_dim=384, depth=12, num_heads=6, mlp_ratio=3, **_PYCLS),
     'vit_c_4gf': _vit(embed_dim=384, depth=11, num_heads=6, mlp_ratio=3, **_PYCLS,
-                      stem_channels=(48, 96, 192, 384), stem_strides=(2, 2, 2, 2)),
+                      conv_stem=dict(channels=(48, 96, 192, 384), strides=(2, 2, 2, 2))),
     'vit_p_18gf': _vit(embed_dim=768, depth=12, num_heads=12, **_PYCLS),
-    'vit_c_18gf': _vit(embed_dim=768, depth=11, num_heads=12, **_PYCLS, **_STEM_18GF),
+    'vit_c_18gf': _vit(embed_dim=768, depth=11, num_heads=12, **_PYCLS, conv_stem=_STEM_18GF),
     'vit_p_36gf': _vit(embed_dim=1024, depth=14, num_heads=16, **_PYCLS),
-    'vit_c_36gf': _vit(embed_dim=1024, depth=13, num_heads=16, **_PYCLS, **_STEM_18GF),
-    # LocalViT beyond DeiT (section 7): each backbone with its MLP, and with LocalViT's LFF
-    'pvt_t': (PVT, _PVT_T), 'localvit_pvt_t': (PVT, dict(_PVT_T, ffn='lff')),
-    'swin_t': (Swin, _SWIN_T), 'localvit_swin_t': (Swin, dict(_SWIN_T, ffn='lff')),
-    'tnt_t': (TNT, _TNT_T), 'localvit_tnt_t': (TNT, dict(_TNT_T, ffn='lff')),
-    't2t_vit_7': (T2TViT, _T2T_7), 'localvit_t2t_7': (T2TViT, dict(_T2T_7, ffn='lff', reduction=128)),
+    'vit_c_36gf': _vit(embed_dim=1024, depth=13, num_heads=16, **_PYCLS, conv_stem=_STEM_18GF),
+    # LocalViT beyond DeiT (appendix A): each backbone with its MLP, and with LocalViT's LFF
+    'pvt_t': (PVT, _PVT_T), 'localvit_pvt_t': (PVT, dict(_PVT_T, lff={})),
+    'swin_t': (Swin, _SWIN_T), 'localvit_swin_t': (Swin, dict(_SWIN_T, lff={})),
+    'tnt_t': (TNT, _TNT_T), 'localvit_tnt_t': (TNT, dict(_TNT_T, lff={})),
+    't2t_vit_7': (T2TViT, _T2T_7), 'localvit_t2t_7': (T2TViT, dict(_T2T_7, lff=dict(reduction=128))),
 }
+
+# timm's names for the models timm has
+ALIASES = {'deit_tiny_patch16_224': 'deit_t', 'deit_small_patch16_224': 'deit_s',
+           'deit_base_patch16_224': 'deit_b', 'convit_tiny': 'convit_t', 'convit_small': 'convit_s',
+           'convit_base': 'convit_b'}
 
 
 def list_models():
     return sorted(MODELS)
 
 
-def model_options(name):
-    """The overrides a zoo model accepts (its class's constructor arguments)."""
-    code = MODELS[name][0].__init__.__code__
-    return list(code.co_varnames[1:code.co_argcount])
-
-
-def check_model_name(name, listing='list_models() gives'):
-    """An unknown name raises ValueError naming the closest zoo names."""
+def model_name(name):
+    """Our name for a zoo name or one of timm's (ALIASES); an unknown name raises ValueError
+    naming the closest ones."""
+    name = ALIASES.get(name, name)
     if name not in MODELS:
-        close = difflib.get_close_matches(name, MODELS, n=4, cutoff=0.5)
+        close = difflib.get_close_matches(name, list(MODELS) + list(ALIASES), n=4, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ''
-        raise ValueError(f'unknown model {name!r}{hint} ({listing} all {len(MODELS)})')
+        raise ValueError(f'unknown model {name!r}{hint} (list_models() gives all {len(MODELS)})')
+    return name
 
 
-def create_model(name, **overrides):
-    """Build a zoo model; overrides (img_size, patch_size, num_classes, embed_dim, depth,
-    num_heads, drop_path, ...) replace the published configuration. `patch_size` on a conv-stem
-    model sets its total stride (its last stride-2 convolutions become stride 1). An override of
-    None keeps the published value (channel_attn='none' turns the LFF's channel attention off)."""
-    check_model_name(name)
+def model_options(name):
+    """The overrides a zoo model accepts: its class's constructor arguments."""
+    return list(inspect.signature(MODELS[model_name(name)][0]).parameters)
+
+
+def create_model(name, pretrained=False, **overrides):
+    """Build a zoo model (our name or timm's); overrides (img_size, patch_size, num_classes,
+    embed_dim, depth, num_heads, drop_path, ...) replace the published configuration, and a dict
+    option (lff, gpsa, conv_stem) is merged into the published one: create_model('localvit_t',
+    lff={'kernel_size': 1}) keeps its SE. `patch_size` on a conv-stem model sets its total stride
+    (its last stride-2 convolutions become stride 1). pretrained=True loads the released weights
+    (appendix C: PRETRAINED), resized to img_size, with a new classifier for another class count.
+    model.config holds the full configuration (plain data: checkpoints carry it)."""
+    name = model_name(name)
     cls, cfg = MODELS[name]
-    allowed = model_options(name)
-    unknown = [k for k in overrides if k not in allowed]
+    unknown = [k for k in overrides if k not in model_options(name)]
     if unknown:
         raise ValueError(f'{name} has no option {", ".join(map(repr, unknown))}; '
-                         f'options: {", ".join(allowed)}')
-    cfg = {**cfg, **{k: v for k, v in overrides.items() if v is not None}}
+                         f'options: {", ".join(model_options(name))}')
+    cfg = dict(cfg)
+    for k, v in overrides.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
     model = cls(**cfg)
     model.arch, model.config = name, cfg
-    return model
+    return load_pretrained(model) if pretrained else model
 
 
 # ==================================================================================================
-# 10. Checkpoints: ours, timm's (DeiT, ConViT: the same key names as ours), the official LocalViT
-#    release ('conv.conv.<i>' for the locality feed-forward; its PVT, Swin, TNT and T2T-ViT
-#    layouts through section 7's remap_*) and pycls (ViT_P / ViT_C), inside a
-#    {'model': ...} / {'model_state': ...} / {'state_dict': ...} wrapper or not.
+# Appendix C. Checkpoints: ours, timm's (DeiT, ConViT: the same key names as ours), the official
+#    releases (DeiT, ConViT, LocalViT with its PVT, Swin, TNT and T2T-ViT models, pycls's ViT_P /
+#    ViT_C), inside a {'model': ...} / {'model_state': ...} / {'state_dict': ...} wrapper or not.
+#    Each format is one table of key renames (and, where the tensors differ, one fix); the format
+#    is recognised by a key only it has. Position embeddings are resized in one loop.
 # ==================================================================================================
 
 
@@ -1462,7 +1293,6 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        import re
         found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
         if found is None:
             error = f'unreadable (truncated or corrupt?): {str(e).splitlines()[-1][:80]}'
@@ -1480,7 +1310,8 @@ def read_checkpoint(path):
 
 def unwrap_state_dict(obj, weights='model'):
     """The state dict inside a checkpoint: ours ({'model', 'ema', ...}), DeiT/LocalViT
-    ({'model': ...}), pycls ({'model_state': ...}), or a bare state dict."""
+    ({'model': ...}), pycls ({'model_state': ...}), timm's scripts ({'state_dict': ...}), or a
+    bare state dict (ConViT's release)."""
     if not isinstance(obj, Mapping):
         raise ValueError(f'a checkpoint must be a dict of tensors or wrap one, got {type(obj).__name__}')
     if weights == 'ema':
@@ -1495,67 +1326,91 @@ def unwrap_state_dict(obj, weights='model'):
     raise ValueError(f'no state dict found in the checkpoint (keys: {", ".join(list(obj)[:8])})')
 
 
-def remap_localvit(sd):
-    """Official LocalViT: '<p>.conv.conv.<i>.*' -> '<p>.lff.<name>.*'. Index 2 and 5 are the
-    activations; with channel attention (index 6) the last 1x1 conv and BN are 7, 8, else 6, 7."""
-    import re
-    out = {}
-    for k, v in sd.items():
-        m = re.fullmatch(r'(.*)\.conv\.conv\.(\d+)\.(.*)', k)
-        if not m:
-            out[k] = v
-            continue
-        prefix, i, rest = m.group(1), int(m.group(2)), m.group(3)
-        with_se = f'{prefix}.conv.conv.8.weight' in sd
-        names = ['conv1', 'bn1', None, 'dwconv', 'bn2', None] + (
-            ['se', 'conv2', 'bn3'] if with_se else ['conv2', 'bn3'])
-        rest = rest.replace('fc.0.', 'fc1.').replace('fc.2.', 'fc2.')
-        out[f'{prefix}.lff.{names[i]}.{rest}'] = v
-    return out
+def _stage(prefix):
+    return lambda m: f'stages.{int(m[1]) - 1}.{prefix}'
 
 
-def remap_pycls(sd):
-    """pycls ViT: sequence-first position embedding, nn.MultiheadAttention, named stem layers."""
-    import re
-    rules = [(r'class_token', 'cls_token'), (r'stem\.patchify\.', 'patch_embed.proj.'),
-             (r'stem\.cstem_last_conv\.', 'patch_embed.proj.'),
-             (r'encoder\.block_(\d+)\.ln_1\.', r'blocks.\1.norm1.'),
-             (r'encoder\.block_(\d+)\.ln_2\.', r'blocks.\1.norm2.'),
-             (r'encoder\.block_(\d+)\.self_attention\.block\.in_proj_', r'blocks.\1.attn.qkv.'),
-             (r'encoder\.block_(\d+)\.self_attention\.block\.out_proj\.', r'blocks.\1.attn.proj.'),
-             (r'encoder\.block_(\d+)\.mlp_block\.linear_1\.', r'blocks.\1.mlp.fc1.'),
-             (r'encoder\.block_(\d+)\.mlp_block\.linear_2\.', r'blocks.\1.mlp.fc2.'),
-             (r'encoder\.ln\.', 'norm.'), (r'head\.head_fc\.', 'head.')]
-    out = {}
-    for k, v in sd.items():
-        m = re.fullmatch(r'stem\.cstem(\d+)_(conv|bn)\.(.*)', k)
-        if m:                                    # conv stem layer i: Sequential index 3i (+1 BN)
-            k = f'patch_embed.convs.{3 * int(m.group(1)) + (m.group(2) == "bn")}.{m.group(3)}'
-        for pattern, repl in rules:
-            k = re.sub(f'^{pattern}', repl, k)
-        if k == 'pos_embedding':                 # (1 + N, 1, C) -> (1, 1 + N, C)
-            k, v = 'pos_embed', rearrange(v, 'n 1 c -> 1 n c')
-        out[k.replace('qkv.weight', 'qkv.weight').replace('qkv.bias', 'qkv.bias')] = v
-    return out
+def _fuse_qk_v(sd):                             # TNT: separate qk and v Linears -> our one qkv
+    for k in [k for k in sd if re.search(r'\.qk\.(weight|bias)$', k)]:
+        sd[k.replace('.qk.', '.qkv.')] = torch.cat([sd.pop(k), sd.pop(k.replace('.qk.', '.v.'))])
+    sd['pixel_pos'] = rearrange(sd['pixel_pos'], '1 c i j -> 1 (i j) c')
+    return sd
+
+
+def _t2t_fix(sd):                               # T2T-ViT: the performers split k, q, v in that order
+    for k in [k for k in sd if k.startswith('tokens_to_token.') and '.qkv.' in k]:
+        key, query, value = sd[k].chunk(3)
+        sd[k] = torch.cat([query, key, value])
+    # LocalViT-T2T's performers create a norm2 that their LFF replaces: never used, dropped
+    with_lff = {k.split('.conv.conv.')[0] for k in sd if '.conv.conv.' in k}
+    return {k: v for k, v in sd.items() if not ('.norm2.' in k and k.split('.norm2.')[0] in with_lff)}
+
+
+_BLOCK = r'encoder\.block_(\d+)\.'
+# format: (a key only it has, [(pattern at the key's start, replacement)], a fix of the tensors)
+FORMATS = {
+    'pycls': ('class_token', [
+        ('class_token', 'cls_token'), ('pos_embedding', 'pos_embed'),
+        (r'stem\.(patchify|cstem_last_conv)\.', 'patch_embed.proj.'),
+        (r'stem\.cstem(\d+)_conv\.', lambda m: f'patch_embed.convs.{3 * int(m[1])}.'),
+        (r'stem\.cstem(\d+)_bn\.', lambda m: f'patch_embed.convs.{3 * int(m[1]) + 1}.'),
+        (_BLOCK + r'ln_1\.', r'blocks.\1.norm1.'), (_BLOCK + r'ln_2\.', r'blocks.\1.norm2.'),
+        (_BLOCK + r'self_attention\.block\.in_proj_', r'blocks.\1.attn.qkv.'),
+        (_BLOCK + r'self_attention\.block\.out_proj\.', r'blocks.\1.attn.proj.'),
+        (_BLOCK + r'mlp_block\.linear_1\.', r'blocks.\1.mlp.fc1.'),
+        (_BLOCK + r'mlp_block\.linear_2\.', r'blocks.\1.mlp.fc2.'),
+        (r'encoder\.ln\.', 'norm.'), (r'head\.head_fc\.', 'head.')],
+        lambda sd: {**sd, 'pos_embed': rearrange(sd['pos_embed'], 'n 1 c -> 1 n c')}),
+    'pvt': ('patch_embed1.proj.weight', [
+        (r'patch_embed(\d)\.', _stage('patch_embed.')), (r'pos_embed(\d)$', _stage('pos_embed')),
+        (r'block(\d)\.', _stage('blocks.'))], None),
+    'swin': ('layers.0.blocks.0.norm1.weight', [(r'layers\.', 'stages.')],   # buffers: rebuilt
+             lambda sd: {k: v for k, v in sd.items() if not k.endswith(('attn_mask', 'position_index'))}),
+    'tnt': ('pixel_embed.proj.weight', [
+        (r'pixel_embed\.proj\.', 'pixel_embed.'), (r'proj\.', 'pixel_proj.'),
+        (r'norm1_proj\.', 'pixel_norm.'), (r'norm2_proj\.', 'patch_norm.')] + [
+        (rf'(blocks\.\d+)\.{old}\.', rf'\1.{new}.') for old, new in {
+            'norm_in': 'inner.norm1', 'attn_in': 'inner.attn', 'norm_mlp_in': 'inner.norm2',
+            'mlp_in': 'inner.mlp', 'norm1_proj': 'pixel_norm', 'proj': 'pixel_proj',
+            'norm_out': 'outer.norm1', 'attn_out': 'outer.attn', 'norm_mlp': 'outer.norm2',
+            'mlp': 'outer.mlp', 'conv': 'outer.conv'}.items()], _fuse_qk_v),
+    't2t': ('tokens_to_token.attention1.kqv.weight', [
+        (r'tokens_to_token\.attention(\d)\.kqv\.', r'tokens_to_token.performer\1.qkv.'),
+        (r'tokens_to_token\.attention(\d)\.w$', r'tokens_to_token.performer\1.random_features'),
+        (r'tokens_to_token\.attention(\d)\.mlp\.0\.', r'tokens_to_token.performer\1.mlp.fc1.'),
+        (r'tokens_to_token\.attention(\d)\.mlp\.2\.', r'tokens_to_token.performer\1.mlp.fc2.'),
+        (r'tokens_to_token\.attention(\d)\.', r'tokens_to_token.performer\1.')], _t2t_fix),
+}
+# LocalViT's LFF: '<p>.conv.conv.<i>' (a Sequential; 2 and 5 are activations, 6 the channel
+# attention when there is one) -> '<p>.lff.<name>'
+_LFF_NAMES = {True: ['conv1', 'bn1', '', 'dwconv', 'bn2', '', 'se', 'conv2', 'bn3'],
+              False: ['conv1', 'bn1', '', 'dwconv', 'bn2', '', 'conv2', 'bn3']}
+
+
+def rename(key, rules):
+    for pattern, replacement in rules:
+        key, found = re.subn(f'^{pattern}', replacement, key, count=1)
+        if found:
+            break
+    return key
 
 
 def to_our_keys(sd):
-    """Detect the format of a state dict by its keys and map it onto ours."""
+    """Recognise a state dict's format by its keys and map it onto ours."""
     sd = {k.removeprefix('module.').replace('_orig_mod.', ''): v for k, v in sd.items()}
-    if any(k.startswith(('encoder.block_', 'stem.')) for k in sd) or 'class_token' in sd:
-        return remap_pycls(sd)
-    # section 7's backbones in the official LocalViT repo's layout (its LFFs are mapped below)
-    if 'patch_embed1.proj.weight' in sd:
-        sd = remap_pvt(sd)
-    elif any(k.startswith('layers.0.blocks.') for k in sd):
-        sd = remap_swin(sd)
-    elif 'pixel_embed.proj.weight' in sd:
-        sd = remap_tnt(sd)
-    elif any(k.startswith('tokens_to_token.attention') for k in sd):
-        sd = remap_t2t(sd)
-    if any('.conv.conv.' in k for k in sd):
-        return remap_localvit(sd)
-    return sd
+    for marker, rules, fix in FORMATS.values():
+        if marker in sd:
+            sd = {rename(k, rules): v for k, v in sd.items()}
+            sd = fix(sd) if fix else sd
+    out = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r'(.*)\.conv\.conv\.(\d+)\.(.*)', k)
+        if m:
+            with_attn = f'{m[1]}.conv.conv.8.weight' in sd
+            rest = m[3].replace('fc.0.', 'fc1.').replace('fc.2.', 'fc2.')
+            k = f'{m[1]}.lff.{_LFF_NAMES[with_attn][int(m[2])]}.{rest}'
+        out[k] = v
+    return out
 
 
 def resize_pos_embed(pos, n_prefix, new_grid, old_grid=None):
@@ -1572,72 +1427,114 @@ def resize_pos_embed(pos, n_prefix, new_grid, old_grid=None):
     return torch.cat([prefix, img2seq(grid).to(pos.dtype)], dim=1)
 
 
-def describe_state_dict(sd):
-    """A one-line summary of a (our-keys) state dict, for mismatch messages."""
-    import re
-    blocks = {m[0] for m in (re.match(r'(.*\.)?blocks\.\d+\.', k) for k in sd) if m}  # stages' too
-    gpsa = {int(k.split('.')[1]) for k in sd if k.endswith('attn.gating_param')}
-    width = sd['norm.weight'].shape[0] if 'norm.weight' in sd else '?'
-    parts = [f'{len(blocks)} blocks', f'width {width}']
-    if gpsa:
-        parts.append(f'{len(gpsa)} GPSA blocks (ConViT)')
-    if any('.lff.' in k for k in sd):
-        parts.append('locality FFN (LocalViT)')
-    if any(k.startswith('patch_embed.convs.') for k in sd):
-        parts.append('conv stem (ViT_C)')
-    if 'head.weight' in sd:
-        parts.append(f'{sd["head.weight"].shape[0]} classes')
-    return ', '.join(parts)
+KINDS = {'attn.gating_param': 'GPSA blocks (ConViT)', '.lff.': 'a locality FFN (LocalViT)',
+         'patch_embed.convs.': 'a conv stem (ViT_C)'}
 
 
 def load_checkpoint(model, checkpoint, weights='model', skip_head=False, strict=True):
-    """Load a path or a state dict into `model`, in any format above, detected by its keys.
+    """Load a path or a loaded checkpoint into `model`, in any format above.
 
-    At another resolution, the position embedding is interpolated to the model's grid (GPSA
-    rebuilds its relative positions by itself; section 7's models: those of pos_embed_grids).
-    weights='ema' picks our EMA weights.
+    At another resolution every learned position embedding (model.pos_embed_grids()) is
+    interpolated to the model's grid; fixed tables (T2T-ViT's) stay the model's own; GPSA
+    rebuilds its relative positions by itself. weights='ema' picks our EMA weights.
     skip_head=True keeps the model's own classifier (fine-tuning on another class count).
     Any mismatch raises ValueError saying what was expected and what was found."""
     obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    ckpt_grid = None
-    if isinstance(obj, Mapping) and isinstance(obj.get('config'), Mapping):   # ours: knows its grid
-        ckpt_grid = obj.get('grid')
+    old_grids = obj.get('grids') or {} if isinstance(obj, Mapping) else {}   # ours know theirs
     sd = to_our_keys(dict(unwrap_state_dict(obj, weights)))
     own = model.state_dict()
     if skip_head:
         sd = {k: v for k, v in sd.items() if not k.startswith('head.')}
     name = getattr(model, 'arch', type(model).__name__)
-    head = own.get('head.weight')
-    if head is not None and 'head.weight' in sd and sd['head.weight'].shape != head.shape \
-            and sd['head.weight'].shape[1:] == head.shape[1:]:
-        raise ValueError(f'the checkpoint classifies {sd["head.weight"].shape[0]} classes, model '
-                         f'{name} has {head.shape[0]}; build it with num_classes='
-                         f'{sd["head.weight"].shape[0]}, or load with skip_head=True to fine-tune')
+    theirs, head = sd.get('head.weight'), own.get('head.weight')
+    if theirs is not None and head is not None and theirs.shape[0] != head.shape[0]:
+        raise ValueError(f'the checkpoint classifies {theirs.shape[0]} classes, model {name} has '
+                         f'{head.shape[0]}; build it with num_classes={theirs.shape[0]}, or load '
+                         f'with skip_head=True to fine-tune')
     missing = [k for k in own if k not in sd and not (skip_head and k.startswith('head.'))]
     unexpected = [k for k in sd if k not in own]
-    if not (missing or unexpected) and hasattr(model, 'pos_embed_grids'):   # section 7's models
-        old_grids = model.pos_embed_grids(ckpt_grid) if ckpt_grid else {}
-        for key, new in model.pos_embed_grids().items():
-            if sd[key].shape != own[key].shape:                             # another resolution
-                sd[key] = own[key] if new is None else resize_pos_embed(    # None: a fixed table
-                    sd[key], *new, old_grids[key][1] if key in old_grids else None)
-    if not (missing or unexpected) and 'pos_embed' in sd and hasattr(model, 'grid') \
-            and sd['pos_embed'].shape[1] != own['pos_embed'].shape[1]:     # another resolution
-        n_prefix = own['pos_embed'].shape[1] - model.grid[0] * model.grid[1]
-        sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], n_prefix, model.grid, ckpt_grid)
+    for key, (n_prefix, grid) in model.pos_embed_grids().items():            # another resolution
+        if not (missing or unexpected) and sd[key].shape != own[key].shape:
+            sd[key] = resize_pos_embed(sd[key], n_prefix, grid, old_grids.get(key))
+    for key, p in model.named_parameters():     # frozen tables are functions of the grid
+        if not p.requires_grad and key in sd and sd[key].shape != p.shape:
+            sd[key] = own[key]
     wrong = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     if (missing or unexpected) and strict or wrong:
+        kind = lambda d: ', '.join([v for k, v in KINDS.items() if any(k in key for key in d)] or
+                                   ['plain ViT blocks'])
         detail = '; '.join(f'{label} {len(keys)} (e.g. {", ".join(keys[:3])})' for label, keys in
                            [('missing', missing), ('unexpected', unexpected),
                             ('wrong shape', wrong)] if keys)
-        raise ValueError(f'the checkpoint ({describe_state_dict(sd)}) does not fit model {name} '
-                         f'({describe_state_dict(own)}): {detail}')
+        raise ValueError(f'the checkpoint ({kind(sd)}) does not fit model {name} ({kind(own)}): '
+                         f'{detail}')
     model.load_state_dict(sd, strict=strict and not skip_head)
     return model
 
 
+# The official releases (URLs from the authors' repositories). DeiT's file names carry the first
+# hex digits of the file's sha256, which the download checks (torch.hub's convention).
+PRETRAINED = {
+    'deit_t': 'https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth',
+    'deit_s': 'https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth',
+    'deit_b': 'https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth',
+    'convit_t': 'https://dl.fbaipublicfiles.com/convit/convit_tiny.pth',
+    'convit_s': 'https://dl.fbaipublicfiles.com/convit/convit_small.pth',
+    'convit_b': 'https://dl.fbaipublicfiles.com/convit/convit_base.pth',
+    **{name: f'https://github.com/ofsoundof/LocalViT/releases/download/v1.0.0/{file}.pth'
+       for name, file in [('localvit_t', 'localvit_t'), ('localvit_t_se4', 'localvit_t_se4'),
+                          ('localvit_s', 'localvit_s'), ('localvit_pvt_t', 'localvit_pvt'),
+                          ('localvit_swin_t', 'localvit_swin'), ('localvit_tnt_t', 'localvit_tnt')]},
+    'pvt_t': 'https://github.com/whai362/PVT/releases/download/v2/pvt_tiny.pth',
+    'swin_t': 'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/'
+              'swin_tiny_patch4_window7_224.pth',
+    't2t_vit_7': 'https://github.com/yitu-opensource/T2T-ViT/releases/download/main/71.7_T2T_ViT_7.pth.tar',
+}
+
+
+def download(url):
+    """The file at `url`, downloaded once into torch hub's cache (TORCH_HOME, default
+    ~/.cache/torch/hub/checkpoints): -> its path. A name like deit_..._224-a1311bcf.pth is
+    checked against that sha256 prefix; a file that fails the check is not kept."""
+    from urllib.parse import urlparse
+    filename = os.path.basename(urlparse(url).path)
+    path = os.path.join(torch.hub.get_dir(), 'checkpoints', filename)
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    digest = re.search(r'-([a-f0-9]{8,})\.', filename)
+    try:
+        torch.hub.download_url_to_file(url, path, digest and digest[1], progress=False)
+    except RuntimeError as e:                   # torch.hub: "invalid hash value ..."
+        raise ValueError(f'{url} does not match its checksum ({e}); nothing was kept, try again') from None
+    except OSError as e:                        # no network, or the server said no
+        raise ValueError(f'could not download {url} ({getattr(e, "reason", e)}); without a network, '
+                         f'fetch the file elsewhere and put it at {path}') from None
+    return path
+
+
+def load_pretrained(model, source=None):
+    """Load released weights into a zoo model: source None takes PRETRAINED[model.arch]; a URL
+    is downloaded (cached); anything else is a path. At another img_size the position
+    embeddings are resized; for another class count the classifier is left new (said in one
+    line)."""
+    if source is None:
+        if model.arch not in PRETRAINED:
+            raise ValueError(f'{model.arch} has no released weights; these models have them: '
+                             f'{", ".join(PRETRAINED)}')
+        source = PRETRAINED[model.arch]
+    obj = read_checkpoint(download(source) if '://' in str(source) else source)
+    theirs = to_our_keys(dict(unwrap_state_dict(obj))).get('head.weight')
+    new_head = theirs is not None and theirs.shape[0] != model.num_classes
+    if new_head:
+        print(f'{getattr(model, "arch", "model")}: the weights classify {theirs.shape[0]} classes; '
+              f'a new classifier for {model.num_classes} (to be trained)')
+    return load_checkpoint(model, obj, skip_head=new_head)
+
+
 # ==================================================================================================
-# 11. Measuring: parameters and multiply-accumulates (matmuls and convolutions, attention included)
+# Appendix D. Measuring: parameters and multiply-accumulates (matmuls and convolutions, attention
+#    included)
 # ==================================================================================================
 
 

@@ -36,7 +36,7 @@ FIXTURE_MODELS = {
     'swin': ('swin_t', _SWIN), 'localvit_swin': ('localvit_swin_t', _SWIN),
     'tnt': ('tnt_t', _TNT), 'localvit_tnt': ('localvit_tnt_t', _TNT),
     'localvit_t2t': ('localvit_t2t_7', dict(img_size=48, embed_dim=32, depth=2, num_heads=2,
-                                            token_dim=8, reduction=16)),
+                                            token_dim=8, lff=dict(reduction=16))),
 }
 
 
@@ -228,11 +228,12 @@ def test_another_resolution_resizes_the_position_embeddings():
     assert torch.equal(t2t.pos_embed, own) and own.shape == (1, 1 + 4 * 4, 32)
     # ours, trained on a non-square image, knows its grid
     pvt2 = fixture_model('localvit_pvt', img_size=(64, 128))[1]
-    locvit.load_checkpoint(pvt2, {'model': pvt.state_dict(), 'config': {}, 'grid': [3, 4]})
+    grids = {k: list(g) for k, (_, g) in pvt.pos_embed_grids().items()}
+    locvit.load_checkpoint(pvt2, {'model': pvt.state_dict(), 'grids': grids})
     assert pvt2.stages[0].pos_embed.shape[1] == 16 * 32
     # another architecture is explained
-    with pytest.raises(ValueError, match=r'\(4 blocks, width 16, locality FFN \(LocalViT\), '
-                                         r'10 classes\) does not fit model tnt_t'):
+    with pytest.raises(ValueError, match=r'\(a locality FFN \(LocalViT\)\) does not fit model '
+                                         r'tnt_t \(plain ViT blocks\)'):
         locvit.load_checkpoint(tnt, pvt.state_dict())
 
 

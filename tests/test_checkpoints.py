@@ -14,12 +14,12 @@ FIXTURES = {
     'convit_h9': ('convit_t', dict(img_size=24, patch_size=4, embed_dim=36, depth=2, num_heads=9,
                                    local_up_to_layer=1)),
     'localvit': ('localvit_t', dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
-                                    reduction=32)),
+                                    lff=dict(reduction=32))),
     'localvit_relu6': ('localvit_t_relu6', dict(img_size=32, patch_size=4, embed_dim=24, depth=2,
                                                 num_heads=4)),
     'vit_p': ('vit_p_1gf', dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)),
     'vit_c': ('vit_c_1gf', dict(img_size=32, embed_dim=32, depth=2, num_heads=2,
-                                stem_channels=(8, 16), stem_strides=(2, 2))),
+                                conv_stem=dict(channels=(8, 16), strides=(2, 2)))),
 }
 
 
@@ -108,12 +108,12 @@ def test_another_architecture_is_explained():
     fx, _ = fixture_model('convit')
     model = locvit.create_model('deit_t', num_classes=10, img_size=32, patch_size=4, embed_dim=32,
                                 depth=3, num_heads=4)
-    with pytest.raises(ValueError, match=r'the checkpoint \(3 blocks, width 32, 2 GPSA blocks '
-                                         r'\(ConViT\), 10 classes\) does not fit model deit_t '
-                                         r'\(3 blocks, width 32, 10 classes\): missing'):
+    with pytest.raises(ValueError, match=r'the checkpoint \(GPSA blocks \(ConViT\)\) does not fit '
+                                         r'model deit_t \(plain ViT blocks\): missing 5 \(e.g. '
+                                         r'blocks.0.attn.qkv.weight'):
         locvit.load_checkpoint(model, fx['state_dict'])
     fx, _ = fixture_model('localvit')
-    with pytest.raises(ValueError, match=r'locality FFN \(LocalViT\).*does not fit model deit_t'):
+    with pytest.raises(ValueError, match=r'locality FFN \(LocalViT\)\) does not fit model deit_t'):
         locvit.load_checkpoint(model, fx['state_dict'])
 
 

@@ -33,15 +33,19 @@ def test_parameter_count_and_macs_match_the_reference(name):
     ref = REFERENCE[REFERENCE_NAMES[name]]
     model = locvit.create_model(name)
     assert locvit.count_params(model) == ref['params']
-    # GPSA's fast path adds one P @ v product (N^2 C MACs) per GPSA layer; the explicit form
-    # counts exactly what the reference counts
+    # GPSA applies its positional attention as its own product P @ v: N^2 C MACs per GPSA
+    # layer beyond the reference's count
     n, c = model.grid[0] * model.grid[1], model.norm.weight.shape[0]
     extra = len(gpsa_layers(model)) * n * n * c
     assert abs(locvit.count_macs(model) - extra - ref['macs']) <= 0.01 * ref['macs']
-    if extra:
-        for m in gpsa_layers(model):
-            m.fast = False
-        assert abs(locvit.count_macs(model) - ref['macs']) <= 0.01 * ref['macs']
+
+
+def test_timm_names_are_aliases():
+    for timm_name, ours in locvit.ALIASES.items():
+        model = locvit.create_model(timm_name, img_size=32, patch_size=4, depth=1,
+                                    **({'local_up_to_layer': 1} if 'convit' in ours else {}))
+        assert model.arch == ours
+    assert locvit.model_options('convit_tiny') == locvit.model_options('convit_t')
 
 
 def test_every_zoo_name_of_the_papers_exists():
@@ -71,7 +75,7 @@ def test_local_init_head_attends_at_its_offset(heads):
     attention on the patches nearest to the offset Δ_h = (h2 - c, h1 - c) from the query.
     For an odd kernel that is one patch; for an even one (H = 4, 16) Δ_h falls between
     patches and its 4 nearest share the mass."""
-    attn = locvit.GPSA(heads * 4, heads, locality_strength=20.0, grid=(9, 9))
+    attn = locvit.GPSA(heads * 4, heads, locality_strength=20.0)
     attn.init_local()
     pos = attn.positional_attention((9, 9))              # (H, N, N)
     k = int(heads ** 0.5)
@@ -93,49 +97,83 @@ def test_local_init_head_attends_at_its_offset(heads):
 def test_local_init_can_be_switched_off():
     on = locvit.create_model('convit_t', img_size=32, patch_size=4, depth=2, local_up_to_layer=1)
     off = locvit.create_model('convit_t', img_size=32, patch_size=4, depth=2, local_up_to_layer=1,
-                              local_init=False)
+                              gpsa=dict(local_init=False))
     assert torch.equal(on.blocks[0].attn.v.weight, torch.eye(192))
     assert not torch.equal(off.blocks[0].attn.v.weight, torch.eye(192))
     assert off.blocks[0].attn.pos_proj.weight.abs().max() < 0.1   # random trunc_normal(.02)
 
 
-def test_gpsa_fast_path_equals_the_explicit_two_softmax_form():
+def test_gpsa_equals_the_explicit_two_softmax_form():
+    """The fast form (one positional map for the batch, gates folded into v and that map, content
+    on SDPA) equals the paper's explicit equation (evaluate.attention_map): outputs and every
+    gradient."""
+    from einops import rearrange
+    import evaluate
     torch.manual_seed(0)
-    attn = locvit.GPSA(36, 9, grid=(6, 5))
+    attn = locvit.GPSA(36, 9)
     attn.init_local()
     with torch.no_grad():
         attn.gating_param.uniform_(-2, 2)
         attn.pos_proj.weight.add_(torch.randn(9, 3) * 0.3)
     x = torch.randn(3, 30, 36, requires_grad=True)
 
-    def run(fast):
-        attn.fast = fast
+    def explicit(x, grid):
+        v = rearrange(attn.v(x), 'b n (h d) -> b h n d', h=9)
+        return attn.proj(rearrange(evaluate.attention_map(attn, x, grid) @ v, 'b h n d -> b n (h d)'))
+
+    def run(forward):
         attn.zero_grad()
         x.grad = None
-        out = attn(x, (6, 5))
+        out = forward(x, (6, 5))
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         return out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in attn.named_parameters()}
 
-    out_f, gx_f, gp_f = run(True)
-    out_e, gx_e, gp_e = run(False)
+    out_f, gx_f, gp_f = run(attn)
+    out_e, gx_e, gp_e = run(explicit)
     torch.testing.assert_close(out_f, out_e, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(gx_f, gx_e, atol=1e-5, rtol=1e-4)
     for n in gp_f:
         torch.testing.assert_close(gp_f[n], gp_e[n], atol=1e-5, rtol=1e-4, msg=n)
     # the explicit form is the paper's: (1 - g) content + g position, rows sum to 1
-    a = attn.attention_map(x, (6, 5))
-    torch.testing.assert_close(a.sum(-1), torch.ones(3, 9, 30))
+    torch.testing.assert_close(evaluate.attention_map(attn, x, (6, 5)).sum(-1), torch.ones(3, 9, 30))
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_gpsa_geometry_stays_exact_when_the_model_is_cast(dtype):
+    """model.to(bf16) must not round the relative positions (d^2 = 313 -> 312 in bf16), and
+    half precision must not zero positional weights that are normal floats."""
+    model = locvit.create_model('convit_t', img_size=(16 * 4, 14 * 4), patch_size=4, depth=1,
+                                local_up_to_layer=1)
+    attn = model.blocks[0].attn
+    grid = (16, 14)                                     # offsets up to (13, 12): d^2 = 313
+    with torch.no_grad():
+        attn.pos_proj.weight.mul_(0.05)                 # a broad map: far keys keep weight
+    reference = attn.positional_attention(grid)
+    model.to(dtype)
+    rel = locvit.relative_positions(*grid)
+    assert rel.dtype == torch.long and (rel[..., 2] == 313).any()
+    pos = attn.positional_attention(grid)
+    assert pos.dtype == torch.float32
+    w = attn.pos_proj.weight.float()                    # the cast weights, exactly as stored
+    scores = locvit.relative_positions(*grid).float() @ w.T + attn.pos_proj.bias.float()
+    torch.testing.assert_close(pos, rearrange_hij(scores).softmax(-1), atol=1e-6, rtol=1e-5)
+    assert (pos > 0).all() and (reference > 0).all()    # nothing normal was flushed to zero
+    y = model(torch.randn(2, 3, 64, 56, dtype=dtype))
+    assert y.dtype == dtype and torch.isfinite(y).all()
+
+
+def rearrange_hij(scores):
+    return scores.permute(2, 0, 1)
 
 
 def test_gpsa_positions_follow_the_grid_and_stay_out_of_the_state_dict():
     model = locvit.create_model('convit_t', img_size=32, patch_size=4, depth=2, local_up_to_layer=1)
-    assert not any('rel_indices' in k for k in model.state_dict())
-    assert 'rel_indices' in dict(model.named_buffers(prefix='', recurse=True)) or \
-        any(n.endswith('rel_indices') for n, _ in model.named_buffers())
+    assert not any('rel' in k for k in model.state_dict()) and not list(model.buffers())
     attn = model.blocks[0].attn
-    attn.positional_attention((4, 6))                   # a new grid rebuilds the positions
-    assert attn.rel_indices.shape == (24, 24, 3)
-    torch.testing.assert_close(attn.rel_indices, locvit.relative_positions(4, 6))
+    assert attn.positional_attention((4, 6)).shape == (4, 24, 24)    # any grid, built on demand
+    assert locvit.relative_positions(4, 6) is locvit.relative_positions(4, 6)    # once per grid
+    ema = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)    # nothing to average
+    ema.update_parameters(model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,22 +200,25 @@ def test_locality_ffn_passes_the_class_token_unchanged(channel_attn):
     assert lff(x[:, 1:], (3, 5)).shape == (2, 15, 8)
 
 
-@pytest.mark.parametrize('channel_attn', ['se', 'eca', None])
-def test_locality_ffn_inference_with_folded_batchnorms_equals_the_plain_form(channel_attn):
-    """eval() folds the three BatchNorms into the convolutions; the function is unchanged."""
+@pytest.mark.parametrize('name', ['localvit_t', 'localvit_t_relu6', 'vit_c_1gf', 'localvit_pvt_t'])
+def test_fuse_batchnorm_keeps_the_function(name):
+    """fuse_batchnorm folds every BatchNorm (the LFF's three, the conv stem's) into the
+    convolution before it: the eval-mode function is unchanged, and no BatchNorm is left."""
+    import copy
     torch.manual_seed(0)
-    lff = locvit.LocalityFeedForward(8, 4, 'hswish', channel_attn, reduction=4)
-    for bn in (lff.bn1, lff.bn2, lff.bn3):                  # non-trivial running statistics
-        bn.running_mean.uniform_(-1, 1)
+    size = dict(img_size=64) if 'pvt' in name else dict(img_size=32, patch_size=4, depth=2)
+    model = locvit.create_model(name, num_classes=10, **size)
+    for bn in [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
+        bn.running_mean.uniform_(-1, 1)                   # non-trivial running statistics
         bn.running_var.uniform_(0.5, 2)
         torch.nn.init.uniform_(bn.weight, 0.5, 2)
         torch.nn.init.uniform_(bn.bias, -1, 1)
-    lff.eval()
-    x = torch.randn(2, 1 + 3 * 5, 8)
-    plain = torch.cat([x[:, :1], locvit.img2seq(lff.forward_map(locvit.seq2img(x[:, 1:], (3, 5))))], 1)
-    folded = lff(x, (3, 5))
-    torch.testing.assert_close(folded, plain, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(folded, x)
+    x = torch.randn(2, 3, *model.img_size)
+    with torch.no_grad():
+        plain = model.eval().forward_features(x)
+        fused = locvit.fuse_batchnorm(copy.deepcopy(model)).forward_features(x)
+    torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in locvit.fuse_batchnorm(model).modules())
 
 
 def test_locality_ffn_is_local():
@@ -296,8 +337,8 @@ def test_talking_heads_switch():
 # --------------------------------------------------------------------------------------------------
 
 def test_unknown_model_lists_close_names():
-    with pytest.raises(ValueError, match=r"unknown model 'convit_tiny'.*did you mean.*convit_t"):
-        locvit.create_model('convit_tiny')
+    with pytest.raises(ValueError, match=r"unknown model 'convit_tin'.*did you mean.*convit_t"):
+        locvit.create_model('convit_tin')
 
 
 def test_unknown_option_is_refused():
@@ -324,4 +365,4 @@ def test_wrong_input_is_refused():
 
 def test_unknown_activation_is_refused():
     with pytest.raises(ValueError, match="unknown activation 'gelu6'"):
-        locvit.create_model('localvit_t', act='gelu6')
+        locvit.create_model('localvit_t', lff=dict(act='gelu6'))
