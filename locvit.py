@@ -40,6 +40,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 
 # ==================================================================================================
@@ -113,24 +114,18 @@ def init_pycls(model):
     """The init of pycls's ViT (Xiao et al.): lecun-normal patchify, a scaled normal on the conv
     stem's last 1x1, xavier-uniform attention and MLP weights, a zero head, zero class token."""
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and name.endswith('patch_embed.proj'):
-            if m.kernel_size == (1, 1):      # the conv stem's final 1x1 projection
-                nn.init.normal_(m.weight, std=math.sqrt(2.0 / m.out_channels))
-            else:                            # the patchify convolution
-                nn.init.trunc_normal_(m.weight, std=math.sqrt(1.0 / m.weight[0].numel()))
+        if name.endswith('patch_embed.proj'):   # the conv stem's last 1x1, or the patchify conv
+            std = math.sqrt((2.0 / m.out_channels) if m.kernel_size == (1, 1) else 1 / m.weight[0].numel())
+            (nn.init.normal_ if m.kernel_size == (1, 1) else nn.init.trunc_normal_)(m.weight, std=std)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            if name.endswith('attn.qkv'):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif name.endswith('attn.proj'):
-                nn.init.zeros_(m.bias)       # weight: PyTorch's default
-            elif '.mlp.' in name:
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.normal_(m.bias, std=1e-6)
-            elif name == 'head':
-                nn.init.zeros_(m.weight)
-                nn.init.zeros_(m.bias)
+        elif name.endswith(('attn.qkv', '.fc1', '.fc2')):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.normal_(m.bias, std=1e-6 if '.mlp.' in name else 0.0)
+        elif name.endswith('attn.proj'):
+            nn.init.zeros_(m.bias)              # weight: PyTorch's default
+        elif name == 'head':
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
     nn.init.normal_(model.pos_embed, std=0.02)
     nn.init.zeros_(model.cls_token)
 
@@ -179,9 +174,8 @@ def stem_strides_for(strides, total):
     stride 1 (e.g. (2, 2, 2, 2) -> (2, 2, 1, 1) for total 4). Parameters do not change."""
     strides = list(strides)
     for i in reversed(range(len(strides))):
-        if math.prod(strides) <= total:
-            break
-        strides[i] = 1 if strides[i] == 2 else strides[i]
+        if math.prod(strides) > total and strides[i] == 2:
+            strides[i] = 1
     if math.prod(strides) != total:
         raise ValueError(f'a conv stem with strides {tuple(strides)} cannot have total stride '
                          f'{total}; use a power of two up to {math.prod(strides)}')
@@ -356,11 +350,35 @@ class ECA(nn.Module):
         return x * rearrange(s, 'b 1 c -> b c 1 1')
 
 
+def recompute(module, fn, *inputs):
+    """fn(*inputs) (a part of `module`), storing only `inputs` for the backward pass, which runs
+    fn once more (torch.utils.checkpoint): the memory of fn's intermediate activations traded for
+    a second forward. The BatchNorms in `module` update their running statistics in the first
+    run only, as without recomputation."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    runs = []
+
+    def run(*args):
+        state = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
+        for bn in bns if runs else []:          # the second run: running stats unchanged
+            bn.momentum = 0.0
+        runs.append(1)
+        try:
+            return fn(*args)
+        finally:
+            for bn, (momentum, tracked) in zip(bns, state):
+                bn.momentum = momentum
+                bn.num_batches_tracked.copy_(tracked) if len(runs) > 1 else None
+    return torch.utils.checkpoint.checkpoint(run, *inputs, use_reentrant=False)
+
+
 class LocalityFeedForward(nn.Module):
     """LocalViT's locality feed-forward; the residual lives inside, there is no norm before it.
     forward(x, grid): x (B, n_prefix + h*w, C); the n_prefix leading tokens (a class token) pass
-    unchanged. kernel_size 1 removes the locality alone (an ablation). Needs torch, einops,
-    seq2img, img2seq, make_act (ACTIVATIONS), SqueezeExcite and ECA."""
+    unchanged. kernel_size 1 removes the locality alone (an ablation). In training it keeps only
+    its input for the backward pass (the expanded maps are recomputed: a fifth of the memory,
+    about the same speed). Needs torch, einops, seq2img, img2seq, make_act (ACTIVATIONS),
+    SqueezeExcite, ECA and recompute."""
 
     def __init__(self, dim, expand_ratio=4.0, act='hswish', channel_attn='se', reduction=4,
                  kernel_size=3):
@@ -382,9 +400,13 @@ class LocalityFeedForward(nn.Module):
     def forward(self, x, grid):                 # (B, n_prefix + h*w, C) -> same
         n = grid[0] * grid[1]
         prefix, y = x[:, :x.shape[1] - n], seq2img(x[:, -n:], grid)     # (B, C, h, w), a view
-        z = self.act(self.bn1(self.conv1(y)))
-        z = self.se(self.act(self.bn2(self.dwconv(z))))
-        y = img2seq(y + self.bn3(self.conv2(z)))
+
+        def branch(y):
+            z = self.act(self.bn1(self.conv1(y)))
+            z = self.se(self.act(self.bn2(self.dwconv(z))))
+            return self.bn3(self.conv2(z))
+        train = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        y = img2seq(y + (recompute(self, branch, y) if train else branch(y)))
         return torch.cat([prefix, y], dim=1) if prefix.shape[1] else y
 
 
@@ -739,6 +761,14 @@ class Backbone(nn.Module):
     def pos_embed_grids(self):
         return {}
 
+    @staticmethod
+    def run_blocks(blocks, x, grid):
+        """-> the last output and [x, every block's output]."""
+        layers = [x]
+        for block in blocks:
+            layers.append(block(layers[-1], grid))
+        return layers[-1], layers
+
 
 def with_reduction(lff, reduction):
     """An LFF's options with the family's SE reduction (None: the MLP)."""
@@ -840,11 +870,7 @@ class PVT(Backbone):
             x, grid = stage.patch_embed(x)      # map -> tokens (B, h*w, C)
             if i == last:                       # the class token joins
                 x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-            x = x + stage.pos_embed
-            layers = [x]
-            for block in stage.blocks:
-                x = block(x, grid)
-                layers.append(x)
+            x, layers = self.run_blocks(stage.blocks, x + stage.pos_embed, grid)
             if i < last:
                 x = seq2img(x, grid)            # tokens -> map for the next stage
         x = self.norm(x)
@@ -975,10 +1001,7 @@ class Swin(Backbone):
         self.check_input(x)
         x, grid = self.patch_embed(x)
         for stage in self.stages:
-            layers = [x]
-            for block in stage.blocks:
-                x = block(x, grid)
-                layers.append(x)
+            x, layers = self.run_blocks(stage.blocks, x, grid)
             if stage.downsample is not None:
                 x, grid = stage.downsample(x, grid)
         x = self.norm(x)
@@ -1162,10 +1185,7 @@ class T2TViT(Backbone):
         self.check_input(x)
         x, grid = self.tokens_to_token(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        layers = [x]
-        for block in self.blocks:
-            x = block(x, grid)
-            layers.append(x)
+        x, layers = self.run_blocks(self.blocks, x, grid)
         x = self.norm(x)
         return (x, layers) if return_layers else x
 
@@ -1523,7 +1543,13 @@ def load_pretrained(model, source=None):
             raise ValueError(f'{model.arch} has no released weights; these models have them: '
                              f'{", ".join(PRETRAINED)}')
         source = PRETRAINED[model.arch]
-    obj = read_checkpoint(download(source) if '://' in str(source) else source)
+    path = download(source) if '://' in str(source) else source
+    try:
+        obj = read_checkpoint(path)
+    except ValueError:
+        if path != source:                      # a broken download: not kept in the cache
+            os.remove(path)
+        raise
     theirs = to_our_keys(dict(unwrap_state_dict(obj))).get('head.weight')
     new_head = theirs is not None and theirs.shape[0] != model.num_classes
     if new_head:

@@ -4,13 +4,16 @@
   torchrun --standalone --nproc_per_node=2 train.py            # the same on 2 processes
   torchrun --nproc_per_node=8 train.py --arch localvit_t --data folder --data-path /imagenet
   python train.py --resume auto --out runs/x                   # continue an interrupted run
+  python train.py --arch convit_t --finetune pretrained --data cifar10 --img-size 224
 
+Each model family trains with its paper's recipe (RECIPES) unless a flag says otherwise.
 Read top to bottom: config -> distributed setup -> data -> model -> optimizer -> loop.
 `train_one_epoch` and `evaluate` are plain functions that evaluate.py reuses.
 """
 import argparse
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -24,7 +27,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms.v2 import functional as TF
 
 import locvit
 
@@ -32,142 +38,232 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # ==================================================================================================
-# Config: the defaults are DeiT's recipe (used unchanged by ConViT and LocalViT). Fields left at
-# None follow the data (see DATA_DEFAULTS): 32 px images with patch 4 for synthetic and CIFAR data,
-# 224 px for an ImageNet-like folder. Every field is a command-line flag (--warmup-epochs ...).
+# Config. Every field is a flag (--warmup-epochs ...). None means "the recipe's, as the data
+# adapts it": RECIPES holds each family's published ImageNet recipe, DATA_SETTINGS what the data
+# changes (32 px images with patch 4 for synthetic data and CIFAR; the synthetic data's quick run).
 # ==================================================================================================
+
+def flag(default, help, choices=None):
+    return field(default=default, metadata={'help': help, 'choices': choices})
+
 
 @dataclass
 class Config:
-    # model: any zoo name, and overrides in the papers' words (None = the published value)
-    arch: str = 'localvit_t'
-    img_size: int = None
-    patch_size: int = None
-    drop_path: float = None                 # stochastic depth: 0.1 (DeiT), 0 for the quick synthetic run
-    embed_dim: int = None
-    depth: int = None
-    num_heads: int = None
-    mlp_ratio: float = None
-    local_up_to_layer: int = None
-    locality_strength: float = None
-    local_init: bool = None
-    talking_heads: bool = None
-    stem_channels: str = None               # "24,48,96,192": a conv stem (ViT_C) on any ViT
-    stem_strides: str = None                # "2,2,2,2"
-    ffn: str = None                         # mlp | lff (LocalViT's locality feed-forward)
-    act: str = None                         # gelu | hswish | relu6
-    channel_attn: str = None                # se | eca | none (inside the LFF)
-    reduction: int = None                   # SE bottleneck: expanded width / reduction
+    # model: a zoo name (or timm's), and overrides in the papers' words
+    arch: str = flag('localvit_t', 'the model: a zoo name (locvit.list_models()) or timm\'s name')
+    img_size: int = flag(None, 'image size (follows the data: 32 synthetic/CIFAR, 224 folder)')
+    patch_size: int = flag(None, 'patch size, or a conv stem\'s total stride (follows the data: 4 at 32 px)')
+    drop_path: float = flag(None, 'stochastic depth rate of the last block')
+    embed_dim: int = flag(None, 'width (default: the model\'s)')
+    depth: int = flag(None, 'blocks (default: the model\'s)')
+    num_heads: int = flag(None, 'attention heads (default: the model\'s)')
+    mlp_ratio: float = flag(None, 'hidden width of the feed-forward / width (default: the model\'s)')
+    local_up_to_layer: int = flag(None, 'ConViT: GPSA in the blocks before this one')
+    locality_strength: float = flag(None, 'ConViT: alpha of the convolutional init (default 1)')
+    local_init: bool = flag(None, 'ConViT: the convolutional init of GPSA (default on)')
+    talking_heads: bool = flag(None, 'talking-heads attention (over-smoothing paper; default off)')
+    stem_channels: str = flag(None, 'a conv stem (ViT_C) of these widths on any ViT, e.g. 24,48,96,192')
+    stem_strides: str = flag(None, "the conv stem's strides, e.g. 2,2,2,2 (default 2 each)")
+    ffn: str = flag(None, 'the feed-forward network (default: the model\'s)', ('mlp', 'lff'))
+    act: str = flag(None, "the LFF's activation (default hswish)", tuple(locvit.ACTIVATIONS))
+    channel_attn: str = flag(None, "the LFF's channel attention (default se)", ('se', 'eca', 'none'))
+    reduction: int = flag(None, "the LFF's SE reduction of the expanded width (default: the model's)")
+    lff_kernel: int = flag(None, "the LFF's depthwise kernel; 1 removes the locality (default 3)")
+    finetune: str = flag(None, 'start from these weights: a path, a URL, or "pretrained" (the released '
+                              'ones); the classifier is new when the class count differs')
     # data
-    data: str = 'synthetic'                 # synthetic | cifar10 | cifar100 | folder
-    data_path: str = None
-    download: bool = False                  # CIFAR: download when missing (needs internet)
-    num_classes: int = None                 # keep the first K classes (sorted order)
-    data_fraction: float = 1.0              # per class, the first floor(n_c * f) samples
-    scale_epochs: bool = False              # with --data-fraction f: train for epochs / f
-    synthetic_train: int = 2500             # synthetic data: images per epoch
-    synthetic_val: int = 1000
-    # optimisation (lr is per 512 images, scaled by the global batch)
-    epochs: int = None
-    batch_size: int = None                  # per process
-    accum: int = 1                          # gradient accumulation steps
-    opt: str = 'adamw'                      # adamw | sgd (Nesterov, momentum 0.9)
-    lr: float = None                        # 5e-4 (DeiT); 4e-3 for the quick synthetic run
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    warmup_epochs: float = None
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    clip_grad: float = None
+    data: str = flag('synthetic', 'the data set; folder: --data-path holds train/ and val/',
+                    ('synthetic', 'cifar10', 'cifar100', 'folder'))
+    data_path: str = flag(None, 'where the data is (CIFAR default: data/)')
+    download: bool = flag(False, 'CIFAR: download it when missing (needs internet)')
+    num_classes: int = flag(None, 'keep the first K classes (sorted order; default: all)')
+    data_fraction: float = flag(1.0, 'keep, per class, the first floor(n * f) images')
+    scale_epochs: bool = flag(False, 'with --data-fraction f: train for epochs / f (ConViT protocol)')
+    synthetic_train: int = flag(2500, 'synthetic data: training images')
+    synthetic_val: int = flag(1000, 'synthetic data: validation images')
+    gpu_decode: bool = flag(False, 'folder data: decode JPEGs and augment on the GPU, not in workers')
+    # optimisation
+    recipe: str = flag('auto', "whose recipe (auto: the model family's)", ('auto', *['deit', 'convit', 'convit+', 'pycls']))
+    epochs: int = flag(None, 'epochs (recipe: 300 DeiT/ConViT/LocalViT, 400 pycls)')
+    batch_size: int = flag(None, 'images per process and step (recipe: 128; x 8 GPUs = 1024)')
+    accum: int = flag(1, 'gradient accumulation: micro-batches per optimizer step')
+    opt: str = flag(None, 'optimizer (recipe: adamw; sgd is Nesterov with --momentum)', ('adamw', 'sgd'))
+    lr: float = flag(None, 'peak learning rate PER 512 IMAGES, scaled by the global batch (recipe: 5e-4)')
+    weight_decay: float = flag(None, 'weight decay, not on biases, norms, gates, embeddings (recipe: 0.05)')
+    momentum: float = flag(0.9, 'SGD momentum')
+    warmup_epochs: float = flag(None, 'linear warm-up epochs (recipe: 5)')
+    warmup_lr: float = flag(None, 'learning rate the warm-up starts from (recipe: 1e-6)')
+    min_lr: float = flag(None, 'learning rate the cosine ends at (recipe: 1e-5)')
+    clip_grad: float = flag(None, 'clip the gradient norm to this (default: no clipping)')
     # regularisation and augmentation
-    smoothing: float = 0.1
-    mixup: float = None                     # MixUp alpha (0 = off)
-    cutmix: float = None                    # CutMix alpha (0 = off); one of the two per batch
-    randaug: str = None                     # "N,M" for RandAugment(N, M), or "off"
-    reprob: float = None                    # random erasing probability
-    crop_scale: float = None                # RandomResizedCrop's smallest area fraction
-    repeated_aug: int = None                # each image seen this many times per epoch
-    ema: bool = False
-    ema_decay: float = 0.99996
-    # patch diversification (Gong et al.): e.g. "cos=1,con=1,mix=1"; see locvit.parse_diverse
-    diverse: str = None
+    smoothing: float = flag(None, 'label smoothing (recipe: 0.1)')
+    mixup: float = flag(None, 'MixUp alpha, 0 = off (recipe: 0.8)')
+    cutmix: float = flag(None, 'CutMix alpha, 0 = off; one of the two per batch (recipe: 1.0)')
+    randaug: str = flag(None, "DeiT's RandAugment: 'N,M' = N ops at magnitude M of 10 (std 0.5), or off (recipe: 2,9)")
+    autoaugment: bool = flag(None, "torchvision's ImageNet AutoAugment instead (recipe: pycls's)")
+    reprob: float = flag(None, 'random erasing probability (recipe: 0.25)')
+    crop_scale: float = flag(None, "RandomResizedCrop's smallest area (follows the data: 0.08 ImageNet)")
+    repeated_aug: int = flag(None, 'repeated augmentation: copies of each image per epoch (recipe: 3)')
+    ema: bool = flag(None, 'keep an exponential moving average of the weights (recipe: on for DeiT)')
+    ema_decay: float = flag(None, 'EMA decay per optimizer step (recipe: 0.99996)')
+    # patch diversification (Gong et al.)
+    diverse: str = flag(None, 'patch-diversity losses and weights, e.g. cos=1,con=1,mix=1 (also con-dot, '
+                             'con-released, mix-region; see DIVERSE)')
     # running
-    amp: str = None                         # bf16 | fp16 | off (default: bf16 on CUDA, off on CPU)
-    compile: bool = False
-    seed: int = 0
-    workers: int = None
-    out: str = None                         # default runs/<arch>-<data>
-    resume: str = None                      # auto (OUT/last.pt if present) or a path
-    eval_every: int = 1
-    max_steps: int = None                   # stop after this many optimizer steps (smoke tests)
-    progress: bool = True                   # tqdm bars on rank 0
+    amp: str = flag(None, 'autocast (default: bf16 on CUDA, off on CPU)', ('bf16', 'fp16', 'off'))
+    compile: bool = flag(False, 'torch.compile the model')
+    seed: int = flag(0, 'random seed')
+    workers: int = flag(None, 'data loader processes per rank (default: half the cores, at most 8)')
+    out: str = flag(None, 'output folder (default: runs/<arch>-<data>)')
+    resume: str = flag(None, 'auto (OUT/last.pt if present) or a checkpoint path')
+    eval_every: int = flag(1, 'evaluate every N epochs (and after the last)')
+    max_steps: int = flag(None, 'stop after this many optimizer steps (smoke tests)')
+    progress: bool = flag(True, 'progress bars on rank 0')
 
 
-# what "follow the data" means: values for the fields left at None
-DATA_DEFAULTS = {
-    # a few minutes on a laptop CPU: 3 short epochs, a higher learning rate, no heavy augmentation
-    'synthetic': dict(img_size=32, patch_size=4, epochs=3, batch_size=64, lr=4e-3, warmup_epochs=0.3,
-                      drop_path=0.0, mixup=0.0, cutmix=0.0, randaug='off', reprob=0.0,
-                      crop_scale=0.5, repeated_aug=1, num_classes=10),
-    # DeiT's recipe at 32 px: patch 4, milder crops, no repeated augmentation
-    'cifar': dict(img_size=32, patch_size=4, epochs=300, batch_size=128, lr=5e-4, warmup_epochs=5,
-                  drop_path=0.1, mixup=0.8, cutmix=1.0, randaug='2,9', reprob=0.25,
-                  crop_scale=0.35, repeated_aug=1),
-    # DeiT's recipe (ImageNet)
-    'folder': dict(img_size=224, epochs=300, batch_size=128, lr=5e-4, warmup_epochs=5,
-                   drop_path=0.1, mixup=0.8, cutmix=1.0, randaug='2,9', reprob=0.25,
-                   crop_scale=0.08, repeated_aug=3),
+# Each family's published ImageNet recipe (224 px, batch per process for 8 GPUs).
+_DEIT = dict(epochs=300, batch_size=128, opt='adamw', lr=5e-4, weight_decay=0.05, warmup_epochs=5,
+             warmup_lr=1e-6, min_lr=1e-5, smoothing=0.1, mixup=0.8, cutmix=1.0, randaug='2,9',
+             autoaugment=False, reprob=0.25, repeated_aug=3, drop_path=0.1, ema=True, ema_decay=0.99996)
+RECIPES = {
+    'deit': _DEIT,                                   # Touvron et al.; LocalViT and the rest use it
+    'convit': dict(_DEIT, ema=False),                # d'Ascoli et al.: DeiT's, no EMA
+    'convit+': dict(_DEIT, ema=False, lr=4e-4, batch_size=64),   # "+" models: 4e-4 at batch 512
+    # Xiao et al. (pycls): 1e-3 at batch 2048 (2.5e-4 per 512), warm-up from 0.1x, cosine to
+    # 0.005x (those two at batch 2048), AutoAugment, EMA, no erasing, no repeats, no drop path
+    'pycls': dict(epochs=400, batch_size=256, opt='adamw', lr=2.5e-4, weight_decay=0.24,
+                  warmup_epochs=5, warmup_lr=1e-4, min_lr=5e-6, smoothing=0.1, mixup=0.8, cutmix=1.0,
+                  randaug='off', autoaugment=True, reprob=0.0, repeated_aug=1, drop_path=0.0,
+                  ema=True, ema_decay=0.99995),
 }
-MODEL_FIELDS = ('img_size', 'patch_size', 'drop_path', 'embed_dim', 'depth', 'num_heads',
-                'mlp_ratio', 'local_up_to_layer', 'locality_strength', 'local_init',
-                'talking_heads', 'stem_channels', 'stem_strides', 'ffn', 'act', 'channel_attn',
-                'reduction')
+DATA_SETTINGS = {
+    # a few minutes on a laptop CPU: 3 short epochs, a higher learning rate, no heavy augmentation
+    'synthetic': dict(img_size=32, patch_size=4, num_classes=10, crop_scale=0.5, epochs=3,
+                      batch_size=64, lr=4e-3, warmup_epochs=0.3, drop_path=0.0, mixup=0.0, cutmix=0.0,
+                      randaug='off', autoaugment=False, reprob=0.0, repeated_aug=1, ema=False),
+    'cifar': dict(img_size=32, patch_size=4, crop_scale=0.35, repeated_aug=1, batch_size=128),
+    'folder': dict(img_size=224, crop_scale=0.08),
+}
+MODEL_FLAGS = ('img_size', 'patch_size', 'drop_path', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio',
+               'local_up_to_layer', 'locality_strength', 'local_init', 'talking_heads',
+               'stem_channels', 'stem_strides', 'ffn', 'act', 'channel_attn', 'reduction', 'lff_kernel')
 
 
 class TrainError(Exception):
     """A problem with the run's input or state, reported as one line (no traceback)."""
 
 
-def parse_config(argv=None):
-    """Flags -> Config. Flags not given keep the recipe's defaults or follow the data."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_flags(parser, names):
+    """A flag per Config field: its help, its default or 'the recipe's', its choices."""
     for f in dataclasses.fields(Config):
-        flag = '--' + f.name.replace('_', '-')
-        if f.type is bool or isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        if f.name not in names:
+            continue
+        flag, meta = '--' + f.name.replace('_', '-'), f.metadata
+        shown = '' if f.default is None else f' (default: {f.default})'
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=meta['help'] + shown)
         else:
-            kind = {'int': int, 'float': float}.get(getattr(f.type, '__name__', f.type), str)
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper())
+            kind = {'int': int, 'float': float}.get(f.type.__name__, str)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=meta['choices'],
+                                metavar=None if meta['choices'] else f.name.upper(), help=meta['help'] + shown)
+
+
+def add_model_flags(parser):
+    add_flags(parser, MODEL_FLAGS)
+
+
+def family(arch):
+    arch = locvit.model_name(arch)
+    if arch.startswith('convit'):
+        return 'convit+' if arch.endswith('_plus') else 'convit'
+    return 'pycls' if arch.startswith(('vit_p_', 'vit_c_')) else 'deit'
+
+
+def parse_config(argv=None):
+    """Flags -> Config: the flags given, then what the data sets, then the family's recipe."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(parser, [f.name for f in dataclasses.fields(Config)])
     given = vars(parser.parse_args(argv))
     cfg = Config(**given)
-    if cfg.data not in ('synthetic', 'cifar10', 'cifar100', 'folder'):
-        raise TrainError(f"unknown --data {cfg.data!r}; choose synthetic, cifar10, cifar100 or folder")
-    for name, value in DATA_DEFAULTS[data_kind(cfg.data)].items():
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, value)
-    check_arch(cfg, given)
-    cfg.amp = cfg.amp or ('bf16' if torch.cuda.is_available() else 'off')
-    if cfg.amp not in ('bf16', 'fp16', 'off'):
-        raise TrainError(f"unknown --amp {cfg.amp!r}; choose bf16, fp16 or off")
-    if cfg.opt not in ('adamw', 'sgd'):
-        raise TrainError(f"unknown --opt {cfg.opt!r}; choose adamw or sgd")
-    if not 0 < cfg.data_fraction <= 1:
-        raise TrainError(f'--data-fraction must lie in (0, 1], got {cfg.data_fraction}')
     try:
-        weights = locvit.parse_diverse(cfg.diverse)
+        cfg.arch = locvit.model_name(cfg.arch)
     except ValueError as e:
-        raise TrainError(f'--diverse: {e}') from None
-    if weights['mix'] and cfg.mixup > 0:
-        raise TrainError('the patch mixing loss (--diverse mix) labels every patch with one image, '
-                         'which MixUp blends away; add --mixup 0 (the patch-aligned CutMix is used)')
+        raise TrainError(f'--arch: {e}') from None
+    fill_defaults(cfg)
+    cfg.amp = cfg.amp or ('bf16' if torch.cuda.is_available() else 'off')
+    check_config(cfg)
     if cfg.scale_epochs:                    # ConViT's sample-efficiency protocol
         cfg.epochs = round(cfg.epochs / cfg.data_fraction)
     cfg.out = cfg.out or os.path.join('runs', f'{cfg.arch}-{cfg.data}')
+    model_overrides(cfg)                    # the model flags fit the model
     return cfg
+
+
+def fill_defaults(cfg):
+    """The fields left at None: what the data sets, then the family's recipe."""
+    cfg.recipe = family(cfg.arch) if cfg.recipe == 'auto' else cfg.recipe
+    settings = dict(DATA_SETTINGS[data_kind(cfg.data)])
+    if cfg.finetune:                        # keep the released patch size: upsample to 224 px
+        settings.update(img_size=224, patch_size=None)
+    if locvit.MODELS[cfg.arch][0] is not locvit.VisionTransformer:
+        settings.pop('patch_size', None)    # the other backbones keep their own patch sizes
+    for name, value in {**RECIPES[cfg.recipe], **settings}.items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
+    return cfg
+
+
+def check_config(cfg):
+    for name in ('epochs', 'batch_size', 'accum', 'repeated_aug', 'eval_every'):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(cfg, name)}')
+    if not 0 < cfg.data_fraction <= 1:
+        raise TrainError(f'--data-fraction must lie in (0, 1], got {cfg.data_fraction}')
+    if cfg.randaug != 'off':
+        try:
+            n, m = (float(s) for s in cfg.randaug.split(','))
+            assert n == int(n) >= 1 and 0 <= m <= 10
+        except (ValueError, AssertionError):
+            raise TrainError(f"--randaug takes 'N,M' (N ops per image, magnitude M on 0..10, e.g. "
+                             f"2,9 as DeiT) or 'off'; got {cfg.randaug!r}") from None
+    weights = parse_diverse(cfg.diverse)
+    if (weights['mix'] or weights['mix-region']) and cfg.mixup > 0:
+        raise TrainError('the patch mixing loss (--diverse mix) labels every patch with one image, '
+                         'which MixUp blends away; add --mixup 0 (the patch-aligned CutMix is used)')
 
 
 def data_kind(name):
     return 'cifar' if name.startswith('cifar') else name
+
+
+DIVERSE = ('cos', 'con', 'con-dot', 'con-released', 'mix', 'mix-region')
+
+
+def parse_diverse(spec):
+    """'cos,con,mix' (weight 1 each) or 'cos=1,con=0.5' -> a weight per loss (0: off):
+    cos           locvit.patch_cosine_loss on the last layer's patches
+    con           locvit.patch_contrastive_loss, cosine similarity, tau 0.1 (the default form)
+    con-dot       the same with the paper's raw dot product and tau 1
+    con-released  locvit.patch_contrastive_loss_released (the released code's 3-way form)
+    mix           locvit.patch_mixing_loss: a classifier on every patch after patch-grid CutMix
+    mix-region    locvit.region_mixing_loss (the released code's region means)"""
+    weights, seen = dict.fromkeys(DIVERSE, 0.0), set()
+    for part in (spec.split(',') if (spec or '').strip() else []):
+        name, has_weight, value = (s.strip() for s in part.partition('='))
+        if name not in DIVERSE:
+            raise TrainError(f'--diverse: unknown over-smoothing loss {name!r}; choose from '
+                             f'{", ".join(DIVERSE)}, e.g. "cos=1,con=1,mix=1"')
+        if name in seen:
+            raise TrainError(f'--diverse: {name!r} is given twice in {spec!r}')
+        seen.add(name)
+        try:
+            weights[name] = float(value) if has_weight else 1.0
+            assert math.isfinite(weights[name]) and weights[name] >= 0
+        except (ValueError, AssertionError):
+            raise TrainError(f'--diverse: malformed weight in {part.strip()!r}: a weight is a '
+                             f'number >= 0') from None
+    return weights
 
 
 # ==================================================================================================
@@ -206,6 +302,16 @@ def all_reduce_sum(t):
     return t
 
 
+def sync_buffers(*modules):
+    """DDP sends rank 0's buffers to the others only at the start of each forward, so after the
+    last step every rank holds BatchNorm statistics of its own. Before evaluating or saving,
+    make every rank's buffers (the model's and the EMA's) rank 0's: the ones saved."""
+    if is_distributed():
+        for module in modules:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, 0)
+
+
 # ==================================================================================================
 # Data. `synthetic` (the default) draws ten kinds of shapes and textures at random positions,
 # scales, rotations and colours over a cluttered background: the class is decided by a small
@@ -219,29 +325,17 @@ SHAPES = ('disk', 'ring', 'square', 'frame', 'triangle', 'plus', 'cross', 'diamo
 
 def shape_mask(kind, u, v):
     """Inside-mask of a shape in its own coordinates (u right, v down, radius 1)."""
-    a, b = u.abs(), v.abs()
+    a, b, r2 = u.abs(), v.abs(), u * u + v * v
     box = torch.maximum(a, b)
-    if kind == 'disk':
-        return u * u + v * v <= 1
-    if kind == 'ring':
-        return ((u * u + v * v) <= 1) & ((u * u + v * v) >= 0.4)
-    if kind == 'square':
-        return box <= 0.8
-    if kind == 'frame':
-        return (box <= 0.85) & (box >= 0.5)
-    if kind == 'triangle':                  # apex up
-        return (v <= 0.75) & (v >= -1 + 1.9 * a)
-    if kind == 'plus':
-        return ((a <= 0.28) & (b <= 0.95)) | ((b <= 0.28) & (a <= 0.95))
     if kind == 'cross':                     # the plus turned by 45 degrees
         return shape_mask('plus', (u + v) / math.sqrt(2), (u - v) / math.sqrt(2))
-    if kind == 'diamond':
-        return a + b <= 1
-    if kind == 'h-stripes':
-        return (box <= 0.85) & (torch.sin(v * 2.6 * math.pi) > 0)
-    if kind == 'v-stripes':
-        return (box <= 0.85) & (torch.sin(u * 2.6 * math.pi) > 0)
-    raise ValueError(kind)
+    return {'disk': lambda: r2 <= 1, 'ring': lambda: (r2 <= 1) & (r2 >= 0.4),
+            'square': lambda: box <= 0.8, 'frame': lambda: (box <= 0.85) & (box >= 0.5),
+            'triangle': lambda: (v <= 0.75) & (v >= -1 + 1.9 * a),          # apex up
+            'plus': lambda: ((a <= 0.28) & (b <= 0.95)) | ((b <= 0.28) & (a <= 0.95)),
+            'diamond': lambda: a + b <= 1,
+            'h-stripes': lambda: (box <= 0.85) & (torch.sin(v * 2.6 * math.pi) > 0),
+            'v-stripes': lambda: (box <= 0.85) & (torch.sin(u * 2.6 * math.pi) > 0)}[kind]()
 
 
 @functools.lru_cache(maxsize=8)
@@ -303,38 +397,264 @@ class UnreadableImage(Exception):
     pass
 
 
-def read_image(path):
-    """ImageFolder's loader, failing with the file's name and the fix."""
-    from PIL import Image
+class ImageFolder(Dataset):
+    """torchvision's ImageFolder over encoded bytes (the transform decodes them, or the GPU does
+    with --gpu-decode); a file that cannot be read or decoded fails with its name and the fix."""
+
+    def __init__(self, root, transform):
+        from torchvision import datasets
+        from torchvision.io import read_file
+        self.folder = datasets.ImageFolder(root, loader=lambda path: read_file(path))
+        self.classes, self.targets, self.transform = self.folder.classes, self.folder.targets, transform
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, i):
+        try:
+            data, target = self.folder[i]
+            return (self.transform(data) if self.transform else data), target
+        except Exception as e:
+            raise UnreadableImage(f'cannot read image {self.folder.samples[i][0]} ({type(e).__name__}: '
+                                  f'{str(e).strip().splitlines()[0][:100]}); remove or replace the file') from None
+
+
+# ==================================================================================================
+# Transforms: DeiT's augmentation, fast. RandAugment 'rand-m9-mstd0.5-inc1' exactly as timm draws
+# it (DeiT's recipe: magnitude 9 on a 0..10 scale, std 0.5, each op with probability 1/2, mean-pixel
+# fill, bicubic); the ops are written once with torchvision's v2 functional ops, which run them on
+# PIL images (the CPU loaders: Pillow is fastest, and bit-identical to timm) and on uint8 tensors
+# on any device (--gpu-decode). Crop and resize run on uint8 tensors; normalising and random
+# erasing are fused. Random draws come from `rng` (Python's random, seeded per worker), erasing
+# noise from torch.
+# ==================================================================================================
+
+FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)    # (124, 116, 104): geometric ops fill with it
+BICUBIC = TF.InterpolationMode.BICUBIC
+
+
+# ---- RandAugment (Cubuk et al. 2020), exactly as timm's rand_augment_transform draws it ----------
+
+def affine(img, m):
+    """Output pixel (x, y) takes the input at (m0 x + m1 y + m2, m3 x + m4 y + m5), in pixels from the
+    top-left corner (PIL's convention, timm's ops); bicubic; FILL where that point is outside."""
+    if isinstance(img, Image.Image):
+        return img.transform(img.size, Image.AFFINE, m, Image.BICUBIC, fillcolor=FILL)
+    # torchvision's affine() has no bicubic for tensors: grid_sample, the map in its [-1, 1] units
+    c, h, w = img.shape
+    a, b, tx, d, e, ty = m
+    theta = torch.tensor([[a, b * h / w, a + b * h / w + 2 * tx / w - 1],
+                          [d * w / h, e, d * w / h + e + 2 * ty / h - 1]], device=img.device,
+                         dtype=torch.float32)
+    grid = F.affine_grid(theta[None], [1, c, h, w], align_corners=False)
+    out = F.grid_sample(img[None].float(), grid, 'bicubic', 'border', align_corners=False)[0]
+    fill = torch.tensor(FILL, dtype=out.dtype, device=img.device).view(3, 1, 1)
+    out = torch.where(((grid < -1) | (grid >= 1)).any(-1), fill, out)     # outside, as PIL
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def rotate(img, degrees):
+    """Counter-clockwise about the image centre, as PIL's Image.rotate."""
+    h, w = TF.get_size(img)
+    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    cx, cy = w / 2, h / 2
+    return affine(img, (cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy))
+
+
+def posterize(img, bits):
+    """Keep the `bits` high bits; 0 (magnitude 10) gives black, as old Pillow did (Pillow 13 raises)."""
+    if bits == 0 and isinstance(img, Image.Image):
+        return Image.new(img.mode, img.size)
+    return TF.posterize(img, bits)
+
+
+def solarize_add(img, add):
+    """Add `add` to the values below 128 (torchvision has no such op)."""
+    if isinstance(img, Image.Image):
+        return img.point([min(255, i + add) if i < 128 else i for i in range(256)] * len(img.mode))
+    return torch.where(img < 128, img + add, img)        # add <= 128: no uint8 overflow below 128
+
+
+def enhance(m, sign):                                    # blend factor of the *Increasing ops
+    return max(0.1, 1.0 + sign * m * 0.9)
+
+
+# name: (op(img, arg), level(m, sign) -> arg): timm's level formulas, m = magnitude / 10 in [0, 1];
+# the levels that use `sign` get a random one, as timm negates those
+RANDAUG_OPS = {
+    'AutoContrast': (lambda img, _: TF.autocontrast(img), lambda m, s: None),
+    'Equalize': (lambda img, _: TF.equalize(img), lambda m, s: None),
+    'Invert': (lambda img, _: TF.invert(img), lambda m, s: None),
+    'Rotate': (rotate, lambda m, s: s * m * 30),                                    # degrees
+    'PosterizeIncreasing': (posterize, lambda m, s: 4 - int(m * 4)),                # bits kept
+    'SolarizeIncreasing': (lambda img, t: TF.solarize(img, t) if t < 256 else img,   # invert >= t
+                           lambda m, s: 256 - min(256, int(m * 256))),
+    'SolarizeAdd': (solarize_add, lambda m, s: min(128, int(m * 110))),
+    'ColorIncreasing': (TF.adjust_saturation, enhance),
+    'ContrastIncreasing': (TF.adjust_contrast, enhance),
+    'BrightnessIncreasing': (TF.adjust_brightness, enhance),
+    'SharpnessIncreasing': (TF.adjust_sharpness, enhance),
+    'ShearX': (lambda img, f: affine(img, (1, f, 0, 0, 1, 0)), lambda m, s: s * m * 0.3),
+    'ShearY': (lambda img, f: affine(img, (1, 0, 0, f, 1, 0)), lambda m, s: s * m * 0.3),
+    'TranslateXRel': (lambda img, f: affine(img, (1, 0, f * TF.get_size(img)[1], 0, 1, 0)),
+                      lambda m, s: s * m * 0.45),                                   # x width
+    'TranslateYRel': (lambda img, f: affine(img, (1, 0, 0, 0, 1, f * TF.get_size(img)[0])),
+                      lambda m, s: s * m * 0.45),                                   # x height
+}
+
+
+def randaug_arg(name, magnitude, sign=1):
+    """The argument of op `name` at `magnitude` (timm's 0..10 scale): Rotate 9 -> 27 degrees."""
+    return RANDAUG_OPS[name][1](magnitude / 10, sign)
+
+
+def randaug_plan(rng=random, num_ops=2, magnitude=9, std=0.5, prob=0.5):
+    """One image's RandAugment as [(op, argument)]: `num_ops` ops drawn uniformly with replacement,
+    each kept with probability `prob`, at a magnitude ~ N(magnitude, std) clipped to [0, 10]."""
+    plan = []
+    for name in rng.choices(list(RANDAUG_OPS), k=num_ops):
+        if rng.random() < prob:
+            m = min(max(rng.gauss(magnitude, std), 0.0), 10.0)
+            plan.append((name, randaug_arg(name, m, -1 if rng.random() < 0.5 else 1)))
+    return plan
+
+
+def rand_augment(img, plan):
+    """Apply a plan to a PIL image or a uint8 (3, H, W) tensor."""
+    for name, arg in plan:
+        img = RANDAUG_OPS[name][0](img, arg)
+    return img
+
+
+# ---- the transforms: image in (encoded bytes or decoded), normalised float (3, 224, 224) out ----
+
+def crop_box(width, height, rng=random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (left, top, w, h) from the image size alone (torchvision's get_params):
+    area ~ U(scale) x image, log aspect ~ U(log ratio); 10 tries, then the largest centred box."""
+    for _ in range(10):
+        area = width * height * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    aspect = min(max(width / height, ratio[0]), ratio[1])
+    w, h = (width, round(width / aspect)) if width / height < aspect else (round(height * aspect), height)
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def crop_flip(x, box, size, rng=random):
+    """Resize the box (left, top, w, h) of x to size x size (bicubic, antialiased), flip with p 1/2.
+    Copied channels-last first: torch's uint8 resize is fastest so, and its output goes to PIL free."""
+    left, top, w, h = box
+    x = x[:, top:top + h, left:left + w].permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    x = TF.resize(x, [size, size], BICUBIC, antialias=True)
+    return TF.horizontal_flip(x) if rng.random() < 0.5 else x
+
+
+def normalize_erase(x, rng=random, re_prob=0.25):
+    """uint8 (..., 3, H, W) -> float (x / 255 - mean) / std, on x's device; then timm's RandomErasing
+    'pixel' mode, per image with probability re_prob: a box of 2-33% of the area, aspect 0.3-3.3,
+    filled with N(0, 1) noise (the scale of normalised data)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1) * 255)
+    x = x.contiguous().float().sub_(mean).mul_(inv_std)
+    H, W = x.shape[-2:]
+    for img in x.view(-1, 3, H, W):
+        if rng.random() >= re_prob:
+            continue
+        for _ in range(10):                                  # 10 tries at a box that fits
+            area = rng.uniform(0.02, 1 / 3) * H * W
+            aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if h < H and w < W:
+                top, left = rng.randint(0, H - h), rng.randint(0, W - w)
+                img[:, top:top + h, left:left + w] = torch.randn(3, h, w, device=x.device)
+                break
+    return x
+
+
+def to_image(data):
+    """Encoded bytes (a 1-D uint8 tensor, as torchvision.io.read_file gives), a PIL image or a uint8
+    (3, H, W) tensor -> uint8 (3, H, W). torchvision decodes with libjpeg-turbo straight into a tensor
+    (the same pixels as Pillow, faster; see REPORT.md for why not Pillow's draft mode)."""
+    if isinstance(data, Image.Image):
+        return TF.pil_to_tensor(data.convert('RGB'))
+    return decode_image(data, mode=ImageReadMode.RGB) if data.ndim == 1 else data
+
+
+def augment_train(data, size=224, rng=random, scale=(0.08, 1.0), randaug=(2, 9), re_prob=0.25,
+                  normalize=True, autoaugment=False):
+    """DeiT's train transform: RandomResizedCrop (bicubic), flip, RandAugment (randaug = (ops,
+    magnitude), or None; autoaugment: torchvision's ImageNet AutoAugment instead, pycls's recipe),
+    normalise, RandomErasing ('pixel'). normalize=False returns the uint8 image, for
+    normalize_erase on the batch on the GPU."""
+    x = to_image(data)
+    x = crop_flip(x, crop_box(x.shape[2], x.shape[1], rng, scale), size, rng)
+    plan = randaug_plan(rng, *randaug) if randaug else []
+    if plan or autoaugment:                               # on a CPU, Pillow runs the ops fastest
+        img = Image.fromarray(x.permute(1, 2, 0).numpy())
+        x = TF.pil_to_tensor(auto_augment(img) if autoaugment else rand_augment(img, plan))
+    return normalize_erase(x, rng, re_prob) if normalize else x
+
+
+def resize_center(x, size=224, crop_pct=0.875):
+    """Shorter side to size / crop_pct (256; bicubic, antialiased), then the centre size x size."""
+    return TF.center_crop(TF.resize(x, int(size / crop_pct), BICUBIC, antialias=True), size)
+
+
+def augment_val(data, size=224, crop_pct=0.875, normalize=True):
+    """DeiT's evaluation transform: resize to 256, centre crop 224, normalise (unless told not to)."""
+    x = resize_center(to_image(data), size, crop_pct)
+    return normalize_erase(x, re_prob=0) if normalize else x
+
+
+def device_batch(datas, device, cfg, train=True):
+    """--gpu-decode: JPEG bytes (a list of uint8 tensors) -> normalised float (B, 3, S, S) on
+    `device`: one batched decode there (nvjpeg on a GPU; a file nvjpeg refuses, PNG or CMYK, is
+    decoded on the CPU), then the steps above per image, RandAugment on tensors."""
+    size, rng, scale, randaug, re_prob, crop_pct = (cfg.img_size, random, (cfg.crop_scale, 1.0),
+                                                    randaug_setting(cfg), cfg.reprob, crop_fraction(cfg))
     try:
-        with open(path, 'rb') as f:
-            return Image.open(f).convert('RGB')
-    except Exception as e:
-        raise UnreadableImage(f'cannot read image {path} ({type(e).__name__}: {e}); remove or '
-                              f'replace the file') from None
+        images = decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        images = [to_image(d).to(device) for d in datas]
+    out = []
+    for x in images:
+        if train:
+            x = crop_flip(x, crop_box(x.shape[2], x.shape[1], rng, scale), size, rng)
+            out.append(rand_augment(x, randaug_plan(rng, *randaug) if randaug else []))
+        else:
+            out.append(resize_center(x, size, crop_pct))
+    return normalize_erase(torch.stack(out), rng, re_prob if train else 0)
 
 
-def build_transforms(cfg, train):
-    from torchvision.transforms import InterpolationMode
+def randaug_setting(cfg):
+    """'2,9' -> (2, 9.0) (ops, magnitude); 'off' or AutoAugment -> None."""
+    if cfg.randaug == 'off' or cfg.autoaugment:
+        return None
+    n, m = cfg.randaug.split(',')
+    return int(float(n)), float(m)
+
+
+def crop_fraction(cfg):
+    """Evaluation: ImageNet-like folders are resized to size / 0.875 and centre-cropped (DeiT);
+    synthetic and CIFAR images are taken whole."""
+    return 0.875 if cfg.data == 'folder' else 1.0
+
+
+def auto_augment(img):
     from torchvision.transforms import v2
-    size = cfg.img_size
-    steps = [v2.ToImage()]
-    if train:
-        steps += [v2.RandomResizedCrop(size, scale=(cfg.crop_scale, 1.0),
-                                       interpolation=InterpolationMode.BICUBIC, antialias=True),
-                  v2.RandomHorizontalFlip()]
-        if cfg.randaug != 'off':
-            n, m = (int(s) for s in cfg.randaug.split(','))
-            steps.append(v2.RandAugment(num_ops=n, magnitude=m, interpolation=InterpolationMode.BILINEAR))
-    elif data_kind(cfg.data) == 'folder':     # resize to size / 0.875 (256 for 224), centre crop
-        steps += [v2.Resize(int(size / 0.875), interpolation=InterpolationMode.BICUBIC, antialias=True),
-                  v2.CenterCrop(size)]
-    else:
-        steps.append(v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if train and cfg.reprob > 0:
-        steps.append(v2.RandomErasing(p=cfg.reprob, value='random'))
-    return v2.Compose(steps)
+    return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, v2.InterpolationMode.BILINEAR, fill=FILL)(img)
+
+
+def train_transform(img, cfg, rng=random):
+    """One training image (encoded bytes, a PIL image or a uint8 tensor) -> (3, S, S) float."""
+    return augment_train(img, cfg.img_size, rng, (cfg.crop_scale, 1.0), randaug_setting(cfg),
+                         cfg.reprob, autoaugment=cfg.autoaugment)
+
+
+def val_transform(img, cfg, rng=None):
+    return augment_val(img, cfg.img_size, crop_fraction(cfg))
 
 
 def build_datasets(cfg):
@@ -353,15 +673,36 @@ def build_val_set(cfg):
 
 
 def build_split(cfg, split):
-    """One split ('train' or 'val') of the data, with its transforms."""
+    """One split ('train' or 'val') of the data, with its transform."""
     is_train = split == 'train'
-    transform = build_transforms(cfg, is_train)
+    transform = None if cfg.gpu_decode else functools.partial(
+        train_transform if is_train else val_transform, cfg=cfg, rng=random)
     if cfg.data == 'synthetic':
         return SyntheticShapes(cfg.img_size, cfg.synthetic_train if is_train else cfg.synthetic_val,
                                cfg.num_classes, cfg.seed + (not is_train), transform)
     if cfg.data.startswith('cifar'):
-        return cifar(cfg, is_train, transform)
-    return image_folder(cfg, split, transform)
+        from torchvision import datasets
+        root, cls = cfg.data_path or 'data', getattr(datasets, cfg.data.upper())
+        try:
+            return cls(root, train=is_train, transform=transform, download=cfg.download)
+        except RuntimeError as e:
+            raise TrainError(f'{cfg.data} not found under {root!r} ({e}); add --download to fetch it '
+                             f'(needs internet), or point --data-path at the folder that holds it') from None
+        except OSError as e:                # no network while downloading
+            raise TrainError(f'could not download {cfg.data} ({e}); copy it into {root!r} '
+                             f'and run without --download') from None
+    if not cfg.data_path:
+        raise TrainError('--data folder needs --data-path DIR, a folder with train/ and val/ '
+                         'holding one sub-folder of images per class')
+    root = os.path.join(cfg.data_path, split)
+    if not os.path.isdir(root):
+        raise TrainError(f'{root!r} does not exist; --data-path must hold train/ and val/, '
+                         f'each with one sub-folder of images per class')
+    try:
+        return ImageFolder(root, transform)
+    except FileNotFoundError as e:          # no class folders, or a class folder without images
+        raise TrainError(f'{root}: {e}; every class folder needs image files '
+                         f'(.jpg, .jpeg, .png, ...)') from None
 
 
 def first_classes(cfg, classes):
@@ -390,45 +731,16 @@ def select(dataset, num_classes, fraction):
     return subset
 
 
-def cifar(cfg, train, transform):
-    from torchvision import datasets
-    root = cfg.data_path or 'data'
-    cls = datasets.CIFAR10 if cfg.data == 'cifar10' else datasets.CIFAR100
-    try:
-        return cls(root, train=train, transform=transform, download=cfg.download)
-    except RuntimeError as e:
-        raise TrainError(f'{cfg.data} not found under {root!r} ({e}); add --download to fetch it '
-                         f'(needs internet), or point --data-path at the folder that holds it') from None
-    except OSError as e:                     # no network while downloading
-        raise TrainError(f'could not download {cfg.data} ({e}); copy it into {root!r} '
-                         f'and run without --download') from None
-
-
-def image_folder(cfg, split, transform):
-    from torchvision import datasets
-    if not cfg.data_path:
-        raise TrainError('--data folder needs --data-path DIR, a folder with train/ and val/ '
-                         'holding one sub-folder of images per class')
-    root = os.path.join(cfg.data_path, split)
-    if not os.path.isdir(root):
-        raise TrainError(f'{root!r} does not exist; --data-path must hold train/ and val/, '
-                         f'each with one sub-folder of images per class')
-    try:
-        return datasets.ImageFolder(root, transform=transform, loader=read_image)
-    except FileNotFoundError as e:          # no class folders, or a class folder without images
-        raise TrainError(f'{root}: {e}; every class folder needs image files '
-                         f'(.jpg, .jpeg, .png, ...)') from None
-
-
 class RepeatAugSampler(Sampler):
-    """Repeated augmentation (Hoffer et al.; DeiT): each image appears `repeats` times per
-    epoch, the copies spread over the ranks (each under its own augmentation); the epoch keeps
-    its length (len(dataset) / world_size images per rank)."""
+    """Repeated augmentation (Hoffer et al.; DeiT's RASampler): an epoch holds len / repeats
+    distinct images, each `repeats` times (under its own augmentation each time). The images
+    are shuffled, each one's copies placed side by side, and position i of that list goes to
+    rank i % world: the copies of an image spread over the ranks, and the ranks' shares are
+    disjoint. Every rank sees len / world samples, as without repeats."""
 
     def __init__(self, n, world, rank, repeats=3, seed=0):
         self.n, self.world, self.rank, self.repeats, self.seed = n, world, rank, repeats, seed
         self.epoch = 0
-        self.num_samples = n // world
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -436,10 +748,10 @@ class RepeatAugSampler(Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=g).repeat_interleave(self.repeats)
-        return iter(order[self.rank::self.world][:self.num_samples].tolist())
+        return iter(order[self.rank::self.world][:len(self)].tolist())
 
     def __len__(self):
-        return self.num_samples
+        return self.n // self.world
 
 
 class ShardSampler(Sampler):
@@ -465,11 +777,10 @@ def build_loaders(cfg, train_set, val_set, rank, world, device):
     # (which restores that generator) draws the same augmentations as an uninterrupted one
     train = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True,
                        **loader_options(cfg, device))
-    val = build_val_loader(cfg, val_set, rank, world, device)
     if len(train) == 0:
         raise TrainError(f'the training set has {len(train_set)} images, fewer than one batch per '
                          f'process ({cfg.batch_size} x {world} processes); lower --batch-size')
-    return train, val
+    return train, build_val_loader(cfg, val_set, rank, world, device)
 
 
 def build_val_loader(cfg, val_set, rank, world, device):
@@ -480,17 +791,16 @@ def build_val_loader(cfg, val_set, rank, world, device):
 
 def loader_options(cfg, device):
     workers = cfg.workers if cfg.workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
-    return dict(num_workers=workers, pin_memory=device.type == 'cuda')
+    collate = (lambda batch: tuple(zip(*batch))) if cfg.gpu_decode else None   # bytes stay a list
+    return dict(num_workers=workers, pin_memory=device.type == 'cuda', collate_fn=collate,
+                persistent_workers=False)
 
 
 def build_batch_mix(cfg, num_classes):
     """MixUp / CutMix on whole batches (one of the two per batch), or None."""
     from torchvision.transforms import v2
-    mixes = []
-    if cfg.mixup > 0:
-        mixes.append(v2.MixUp(alpha=cfg.mixup, num_classes=num_classes))
-    if cfg.cutmix > 0:
-        mixes.append(v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
+    mixes = [mix(alpha=a, num_classes=num_classes) for mix, a in
+             ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if a > 0]
     return v2.RandomChoice(mixes) if mixes else None
 
 
@@ -500,62 +810,80 @@ def build_batch_mix(cfg, num_classes):
 # ==================================================================================================
 
 def model_overrides(cfg):
-    """The model flags that were set, as create_model overrides ("24,48" -> (24, 48))."""
-    overrides = {k: getattr(cfg, k) for k in MODEL_FIELDS if getattr(cfg, k) is not None}
-    for k in ('stem_channels', 'stem_strides'):
-        if k in overrides:
-            try:
-                overrides[k] = tuple(int(v) for v in str(overrides[k]).split(','))
-            except ValueError:
-                raise TrainError(f'--{k.replace("_", "-")} takes integers separated by commas, '
-                                 f'e.g. 24,48,96,192; got {overrides[k]!r}') from None
-    return overrides                        # channel_attn 'none' stays a string: None means 'the default'
+    """The model flags that were set, as create_model overrides: the conv stem's, GPSA's and the
+    LFF's options go into their dicts ("24,48" -> (24, 48))."""
+    given = {k: getattr(cfg, k, None) for k in MODEL_FLAGS}
+    given = {k: v for k, v in given.items() if v is not None}
+    overrides, lff = {}, {}
+    for k in ('img_size', 'patch_size', 'drop_path', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio',
+              'local_up_to_layer', 'talking_heads'):
+        if k in given:
+            overrides[k] = given[k]
+    gpsa = {k: given[k] for k in ('locality_strength', 'local_init') if k in given}
+    if gpsa:
+        overrides['gpsa'] = gpsa
+    if 'stem_channels' in given or 'stem_strides' in given:
+        try:
+            stem = {k: tuple(int(v) for v in str(given[f'stem_{k}']).split(','))
+                    for k in ('channels', 'strides') if f'stem_{k}' in given}
+        except ValueError:
+            raise TrainError('--stem-channels and --stem-strides take integers separated by commas, '
+                             'e.g. 24,48,96,192') from None
+        overrides['conv_stem'] = stem
+    for flag, key in (('act', 'act'), ('channel_attn', 'channel_attn'), ('reduction', 'reduction'),
+                      ('lff_kernel', 'kernel_size')):
+        if flag in given:
+            lff[key] = given[flag]
+    if given.get('ffn') == 'mlp':
+        overrides['lff'] = None
+    elif given.get('ffn') == 'lff' or lff:
+        overrides['lff'] = lff
+    arch = locvit.model_name(getattr(cfg, 'arch', None) or 'deit_t')
+    has_lff = locvit.MODELS[arch][1].get('lff') is not None
+    if lff and not (has_lff or given.get('ffn') == 'lff'):
+        raise TrainError(f'--{", --".join(k for k in given if k in ("act", "channel_attn", "reduction", "lff_kernel"))} '
+                         f'set the locality feed-forward, which {arch} has not; add --ffn lff')
+    unknown = [k for k in overrides if k not in locvit.model_options(arch)]
+    if unknown:
+        raise TrainError(f'{arch} has no option {", ".join(unknown)}')
+    return overrides
 
 
 def build_model(cfg, num_classes):
-    return locvit.create_model(cfg.arch, num_classes=num_classes, **model_overrides(cfg))
-
-
-def check_arch(cfg, given):
-    """An unknown --arch fails here, before any data is touched. The data's default patch size
-    (4 for 32 px images) applies to the ViT family; the other backbones keep their own."""
-    try:
-        locvit.check_model_name(cfg.arch)
-    except ValueError as e:
-        raise TrainError(f'--arch: {e}') from None
-    options = locvit.model_options(cfg.arch)
-    if 'patch_size' not in given and locvit.MODELS[cfg.arch][0] is not locvit.VisionTransformer:
-        cfg.patch_size = None
-    unknown = [k for k in MODEL_FIELDS if getattr(cfg, k) is not None and k not in options]
-    if unknown:
-        raise TrainError(f'{cfg.arch} has no option {", ".join(unknown)}')
+    model = locvit.create_model(cfg.arch, num_classes=num_classes, **model_overrides(cfg))
+    if cfg.finetune:                        # DeiT's fine-tuning: new classifier, resized positions
+        locvit.load_pretrained(model, None if cfg.finetune == 'pretrained' else cfg.finetune)
+    return model
 
 
 class PatchDiversity(nn.Module):
-    """A model and the patch-diversity losses (Gong et al.): forward(images, patch_labels) ->
-    (logits, {'cos': ..., 'con': ..., 'mix': ...}) for the terms with a weight. The patch
-    classifier of the mixing loss lives here, beside the published model."""
+    """A model and the patch-diversity losses (Gong et al.): forward(images, patch_labels, mask) ->
+    (logits, {'cos': ..., 'con': ..., ...}) for the losses with a weight. The patch classifier of
+    the mixing losses lives here, beside the published model."""
 
     def __init__(self, model, weights, num_classes):
         super().__init__()
-        if not hasattr(model, 'grid') or not hasattr(model, 'patch_size'):
+        if not hasattr(model, 'patch_size'):
             raise TrainError(f'{model.arch} has no single patch grid; the patch-diversity losses '
                              f'need one (any ViT-family model: deit_*, convit_*, localvit_*, vit_*)')
         self.model, self.weights = model, {k: w for k, w in weights.items() if w > 0}
-        if 'mix' in self.weights:
+        if 'mix' in self.weights or 'mix-region' in self.weights:
             self.patch_head = locvit.PatchHead(self.model.head.in_features, num_classes)
 
-    def forward(self, images, patch_labels=None):
+    def forward(self, images, patch_labels=None, mask=None):
         tokens, layers = self.model.forward_features(images, return_layers=True)
-        t = locvit.diversity_tokens(tokens, layers, self.model.grid)
-        terms = {}
-        if 'cos' in self.weights:
-            terms['cos'] = locvit.patch_cosine_loss(t.last)
-        if 'con' in self.weights:
-            terms['con'] = locvit.patch_contrastive_loss(t.first, t.last)
-        if 'mix' in self.weights:
-            terms['mix'] = locvit.patch_mixing_loss(self.patch_head(t.out), patch_labels)
-        return self.model.forward_head(tokens), terms
+        grid, terms = self.model.grid, {}
+        patches = lambda layer: locvit.patch_tokens(layer, grid)
+        embed = patches(layers[0]) - self.model.pos_embed[:, -grid[0] * grid[1]:]   # the stem's output
+        last, out = patches(layers[-1]), patches(tokens)     # before / after the final norm
+        losses = {
+            'cos': lambda: locvit.patch_cosine_loss(last),
+            'con': lambda: locvit.patch_contrastive_loss(embed, last),
+            'con-dot': lambda: locvit.patch_contrastive_loss(embed, last, 1.0, normalize=False),
+            'con-released': lambda: locvit.patch_contrastive_loss_released(embed, out, grid),
+            'mix': lambda: locvit.patch_mixing_loss(self.patch_head(out), patch_labels),
+            'mix-region': lambda: locvit.region_mixing_loss(self.patch_head, out, patch_labels, mask)}
+        return self.model.forward_head(tokens), {k: losses[k]() for k in self.weights}
 
 
 NO_DECAY = ('pos_embed', 'cls_token', 'relative_position_bias_table', 'patch_pos', 'pixel_pos')
@@ -564,10 +892,9 @@ NO_DECAY = ('pos_embed', 'cls_token', 'relative_position_bias_table', 'patch_pos
 def param_groups(model, weight_decay):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim <= 1 or any(name.endswith(k) or f'{k}' in name.split('.')[-1] for k in NO_DECAY)
-        (no_decay if skip else decay).append(p)
+        if p.requires_grad:
+            skip = p.ndim <= 1 or name.split('.')[-1] in NO_DECAY
+            (no_decay if skip else decay).append(p)
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 
 
@@ -587,10 +914,10 @@ def lr_at(step, total_steps, warmup_steps, base_lr, warmup_lr, min_lr):
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def autocast(cfg, device):
-    if cfg.amp == 'off':
+def autocast(amp, device):
+    if amp == 'off':
         return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == 'bf16' else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
 
 
 # ==================================================================================================
@@ -622,22 +949,25 @@ def train_one_epoch(model, loader, optimizer, schedule, cfg, device, epoch, crit
     start, step_in_epoch = time.perf_counter(), 0
     optimizer.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(loader):
+        if cfg.gpu_decode:                               # JPEG bytes -> augmented batch on device
+            images = device_batch(images, device, cfg, train=True)
+            targets = torch.tensor(targets)
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        patch_labels = None
-        if 'mix' in diverse:                             # CutMix on the patch grid
-            images, targets, patch_labels = locvit.patch_cutmix(
+        patch_labels = mask = None
+        if 'mix' in diverse or 'mix-region' in diverse:  # CutMix on the patch grid
+            images, targets, patch_labels, mask = locvit.patch_cutmix(
                 images, targets, base.patch_head.out_features, base.model.grid,
-                base.model.patch_size, alpha=cfg.cutmix or 1.0)
+                base.model.patch_size, alpha=cfg.cutmix or 1.0, return_mask=True)
         elif batch_mix is not None:
             images, targets = batch_mix(images, targets)
         last_micro = (i + 1) % cfg.accum == 0
         sync = model.no_sync() if is_distributed() and not last_micro and hasattr(model, 'no_sync') \
             else nullcontext()
         with sync:
-            with autocast(cfg, device):
+            with autocast(cfg.amp, device):
                 if diverse:
-                    logits, terms = model(images, patch_labels)
+                    logits, terms = model(images, patch_labels, mask)
                     loss = criterion(logits, targets) + sum(diverse[k] * terms[k] for k in names)
                 else:
                     loss, terms = criterion(model(images), targets), {}
@@ -669,11 +999,10 @@ def train_one_epoch(model, loader, optimizer, schedule, cfg, device, epoch, crit
         schedule.step += 1
         step_in_epoch += 1
         if progress is not None:
-            seen = sums[1].item()
             progress.update(cfg.accum)
             progress.set_postfix(loss=f'{batch_loss[0].item() / batch_loss[1].item():.3f}',
                                  lr=f'{optimizer.param_groups[0]["lr"]:.2e}',
-                                 img_s=f'{seen / (time.perf_counter() - start):.0f}')
+                                 img_s=f'{sums[1].item() / (time.perf_counter() - start):.0f}')
         if cfg.max_steps and schedule.step >= cfg.max_steps:
             break
     seconds = time.perf_counter() - start
@@ -684,14 +1013,16 @@ def train_one_epoch(model, loader, optimizer, schedule, cfg, device, epoch, crit
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp='off'):
-    """Top-1, top-5, loss and image count, summed exactly over the ranks."""
+def evaluate(model, loader, device, amp='off', cfg=None):
+    """Top-1, top-5, loss and image count, summed exactly over the ranks. (cfg: for the GPU
+    decoding path, which hands over JPEG bytes.)"""
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)   # correct1, correct5, loss, count
-    ctx = autocast(Config(amp=amp), device)
     for images, targets in loader:
+        if cfg is not None and cfg.gpu_decode:
+            images, targets = device_batch(images, device, cfg, train=False), torch.tensor(targets)
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with ctx:
+        with autocast(amp, device):
             logits = model(images)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == targets[:, None]
@@ -706,6 +1037,7 @@ def evaluate(model, loader, device, amp='off'):
 
 # ==================================================================================================
 # Checkpoints: plain data only (torch.load(weights_only=True) reads them), written atomically.
+# They carry the model's full configuration: locvit.create_model(arch, **model_config) rebuilds it.
 # ==================================================================================================
 
 def unwrap(model):
@@ -734,21 +1066,31 @@ def last_good_checkpoint(cfg):
     return f'the last good checkpoint is {path} (epoch {epoch})'
 
 
-def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, best, classes):
+def rng_states():
+    """Every rank's random generators (gathered on all ranks): a resumed run draws the same."""
+    state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
+             'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if not is_distributed():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, best, classes, rng):
     base, wrapper = published(model), unwrap(model)
-    head = wrapper.patch_head.state_dict() if hasattr(wrapper, 'patch_head') else None
-    return {'model': base.state_dict(), 'patch_head': head,
+    return {'model': base.state_dict(), 'arch': cfg.arch, 'model_config': base.config,
+            'grids': {k: list(g) for k, (_, g) in base.pos_embed_grids().items()},
+            'classes': list(classes), 'config': dataclasses.asdict(cfg),
+            'patch_head': wrapper.patch_head.state_dict() if hasattr(wrapper, 'patch_head') else None,
             'ema': ema.module.state_dict() if ema is not None else None,
             'ema_updates': int(ema.n_averaged) if ema is not None else 0,
             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict() if scaler else None,
-            'epoch': epoch, 'step': schedule.step, 'best_top1': best,
-            'arch': cfg.arch, 'config': dataclasses.asdict(cfg), 'grid': list(getattr(base, 'grid', [])),
-            'classes': list(classes),
-            'rng': {'torch': torch.get_rng_state(), 'python': random.getstate(),
-                    'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+            'epoch': epoch, 'step': schedule.step, 'base_lr': schedule.base_lr, 'best_top1': best,
+            'rng': rng}
 
 
-def resume_from(cfg, model, optimizer, schedule, scaler, ema, classes):
+def resume_from(cfg, model, optimizer, schedule, scaler, ema, classes, rank):
     """-> (first epoch, best top-1). --resume auto starts fresh when OUT/last.pt is absent."""
     path = os.path.join(cfg.out, 'last.pt') if cfg.resume == 'auto' else cfg.resume
     if cfg.resume == 'auto' and not os.path.exists(path):
@@ -771,16 +1113,27 @@ def resume_from(cfg, model, optimizer, schedule, scaler, ema, classes):
         ema.module.load_state_dict(state['ema'])
         ema.n_averaged.fill_(state['ema_updates'])     # else the next update restarts the average
     schedule.step = state['step']
-    torch.set_rng_state(state['rng']['torch'])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['rng']['python']))
-    if torch.cuda.is_available() and state['rng']['cuda']:
-        torch.cuda.set_rng_state_all(state['rng']['cuda'])
+    rng = state['rng'][rank if rank < len(state['rng']) else 0]
+    torch.set_rng_state(rng['torch'])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng['python']))
+    if torch.cuda.is_available() and rng['cuda']:
+        torch.cuda.set_rng_state_all(rng['cuda'])
     return state['epoch'], state['best_top1']
 
 
 # ==================================================================================================
 # main
 # ==================================================================================================
+
+def describe_recipe(cfg):
+    aug = ('AutoAugment' if cfg.autoaugment else f'RandAugment {cfg.randaug}' if cfg.randaug != 'off'
+           else 'no RandAugment')
+    return (f'recipe {cfg.recipe} (as {cfg.data} data sets it): {cfg.opt}, lr {cfg.lr:g} per 512 '
+            f'images, weight decay {cfg.weight_decay:g}, {cfg.epochs} epochs ({cfg.warmup_epochs:g} '
+            f'warm-up), cosine to {cfg.min_lr:g}, smoothing {cfg.smoothing:g}, mixup {cfg.mixup:g} / '
+            f'cutmix {cfg.cutmix:g}, {aug}, erasing {cfg.reprob:g}, repeats {cfg.repeated_aug}, '
+            f'drop path {cfg.drop_path:g}, EMA {cfg.ema_decay if cfg.ema else "off"}')
+
 
 def main(argv=None):
     cfg = parse_config(argv)
@@ -792,14 +1145,13 @@ def main(argv=None):
     train_set, val_set, classes = build_datasets(cfg)
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, rank, world, device)
     model = build_model(cfg, len(classes))
-    weights = locvit.parse_diverse(cfg.diverse)
+    weights = parse_diverse(cfg.diverse)
     if any(weights.values()):
         model = PatchDiversity(model, weights, len(classes))
     model = model.to(device)
     global_batch = cfg.batch_size * world * cfg.accum
     optimizer = build_optimizer(cfg, model, global_batch)
-    steps_per_epoch = len(train_loader) // cfg.accum
-    schedule = Schedule(cfg, steps_per_epoch, optimizer.param_groups[0]['lr'])
+    schedule = Schedule(cfg, len(train_loader) // cfg.accum, optimizer.param_groups[0]['lr'])
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == 'fp16' else None
     ema = None
     if cfg.ema:
@@ -808,10 +1160,10 @@ def main(argv=None):
                             use_buffers=True)
     start_epoch, best = 0, 0.0
     if cfg.resume:
-        start_epoch, best = resume_from(cfg, model, optimizer, schedule, scaler, ema, classes)
+        start_epoch, best = resume_from(cfg, model, optimizer, schedule, scaler, ema, classes, rank)
     if cfg.compile:
         model = torch.compile(model)
-    if world > 1:
+    if is_distributed():
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
     batch_mix = build_batch_mix(cfg, len(classes))
@@ -819,12 +1171,12 @@ def main(argv=None):
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, 'config.json'), 'w') as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
+            json.dump({**dataclasses.asdict(cfg), 'base_lr': schedule.base_lr}, f, indent=1)
     log(f'{cfg.arch}: {locvit.count_params(published(model)) / 1e6:.2f}M parameters, '
         f'{cfg.data} data ({len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, '
         f'{cfg.img_size} px), {world} process(es) on {device.type}, global batch {global_batch}, '
-        f'lr {schedule.base_lr:.2e}, {cfg.epochs} epochs' +
-        (f', resuming after epoch {start_epoch}' if start_epoch else ''))
+        f'lr {schedule.base_lr:.2e}' + (f', resuming after epoch {start_epoch}' if start_epoch else ''))
+    log(describe_recipe(cfg))
 
     from tqdm import tqdm
     total_start = time.perf_counter()
@@ -838,25 +1190,28 @@ def main(argv=None):
                                 criterion, batch_mix, scaler, ema, bar)
         if bar is not None:
             bar.close()
+        sync_buffers(published(model), *([ema.module] if ema is not None else []))
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             stats.update({f'val_{k}': v for k, v in
-                          evaluate(published(model), val_loader, device, cfg.amp).items()})
+                          evaluate(published(model), val_loader, device, cfg.amp, cfg).items()})
             if ema is not None:
                 stats.update({f'ema_{k}': v for k, v in
-                              evaluate(ema.module, val_loader, device, cfg.amp).items()})
+                              evaluate(ema.module, val_loader, device, cfg.amp, cfg).items()})
         stats['peak_mem_mb'] = (torch.cuda.max_memory_allocated(device) if device.type == 'cuda'
                                 else peak_rss()) / 2 ** 20
         top1 = stats.get('val_top1', -1.0)
         is_best = top1 > best
         best = max(best, top1)
+        rng = rng_states()
         if rank == 0:
-            state = checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch + 1, best, classes)
+            state = checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch + 1, best,
+                                     classes, rng)
             save_checkpoint(os.path.join(cfg.out, 'last.pt'), state)
             if is_best:
                 save_checkpoint(os.path.join(cfg.out, 'best.pt'), state)
             with open(os.path.join(cfg.out, 'log.jsonl'), 'a') as f:
                 f.write(json.dumps({'epoch': epoch + 1, **stats}) + '\n')
-        terms = ''.join(f'({k} {stats[f"loss_{k}"]:.3f}) ' for k in ('cos', 'con', 'mix') if f'loss_{k}' in stats)
+        terms = ''.join(f'({k} {stats[f"loss_{k}"]:.3f}) ' for k in DIVERSE if f'loss_{k}' in stats)
         log(f'epoch {epoch + 1}/{cfg.epochs}  loss {stats["train_loss"]:.4f} {terms} ' +
             (f'val top-1 {top1:.2f}%  top-5 {stats["val_top5"]:.2f}%  ' if 'val_top1' in stats else '') +
             f'lr {stats["lr"]:.2e}  {stats["img_per_s"]:.0f} img/s  {stats["epoch_seconds"]:.0f} s')

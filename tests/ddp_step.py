@@ -1,5 +1,6 @@
 """Run by tests/test_train.py under torchrun (2 ranks) and as one process: train a fixed batch
-for a few optimizer steps with train.py's own loop and save the parameters."""
+for a few optimizer steps with train.py's own loop, make the ranks' buffers rank 0's
+(train.sync_buffers, as train.py does before evaluating and saving), and save the state."""
 import sys
 
 import torch
@@ -31,8 +32,10 @@ def main(out, arch, per_rank_batch, accum, steps):
     schedule = train.Schedule(cfg, steps, optimizer.param_groups[0]['lr'])
     train.train_one_epoch(model, loader, optimizer, schedule, cfg, device, 0,
                           torch.nn.CrossEntropyLoss())
-    params = {k: v.detach().clone() for k, v in train.unwrap(model).state_dict().items()}
-    torch.save(params, f'{out}.rank{rank}.pt')
+    before = {k: v.clone() for k, v in train.unwrap(model).state_dict().items()}
+    train.sync_buffers(train.unwrap(model))
+    torch.save({'before_sync': before, 'after_sync': train.unwrap(model).state_dict()},
+               f'{out}.rank{rank}.pt')
     if world > 1:
         torch.distributed.destroy_process_group()
 

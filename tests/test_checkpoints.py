@@ -136,3 +136,72 @@ def test_a_checkpoint_holding_code_objects_is_refused(tmp_path):
     torch.save({'model': model.state_dict(), 'extra': torch.nn.ReLU()}, tmp_path / 'obj.pth')
     with pytest.raises(ValueError, match=r'is refused: it holds a torch.nn.modules.activation.ReLU'):
         locvit.load_checkpoint(model, tmp_path / 'obj.pth')
+
+
+# --------------------------------------------------------------------------------------------------
+# Released weights by name: create_model(name, pretrained=True), offline (file:// URLs)
+# --------------------------------------------------------------------------------------------------
+
+def release(tmp_path, monkeypatch, name='deit', filename=None, digest=True):
+    """Serve fixture `name` as the 'official release' of deit_t from a file:// URL (DeiT's file
+    names carry a sha256 prefix) and point the hub cache at tmp_path."""
+    import hashlib
+    fx, _ = fixture_model(name)
+    raw = tmp_path / 'raw.pth'
+    torch.save({'model': fx['state_dict']}, raw)
+    prefix = hashlib.sha256(raw.read_bytes()).hexdigest()[:8] if digest is True else digest
+    served = tmp_path / 'server' / (filename or f'deit_tiny_patch16_224-{prefix}.pth')
+    served.parent.mkdir(exist_ok=True)
+    raw.rename(served)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
+    monkeypatch.setitem(locvit.PRETRAINED, 'deit_t', served.as_uri())
+    return fx, tmp_path / 'hub' / 'hub' / 'checkpoints' / served.name
+
+
+SMALL_DEIT = dict(img_size=32, patch_size=4, embed_dim=24, depth=3, num_heads=3)
+
+
+def test_pretrained_downloads_checks_and_loads_the_release(tmp_path, monkeypatch):
+    fx, cached = release(tmp_path, monkeypatch)
+    model = locvit.create_model('deit_tiny_patch16_224', pretrained=True, num_classes=10, **SMALL_DEIT)
+    assert cached.exists()                                       # cached in torch hub's folder
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(fx['input']), fx['logits'], atol=1e-5, rtol=1e-4)
+    (tmp_path / 'server').rename(tmp_path / 'gone')              # the cache serves it offline now
+    assert torch.equal(locvit.create_model('deit_t', pretrained=True, num_classes=10,
+                                           **SMALL_DEIT).head.weight, model.head.weight)
+
+
+def test_pretrained_at_another_size_and_class_count(tmp_path, monkeypatch, capsys):
+    fx, _ = release(tmp_path, monkeypatch)
+    model = locvit.create_model('deit_t', pretrained=True, num_classes=5, **{**SMALL_DEIT, 'img_size': 48})
+    assert 'classify 10 classes; a new classifier for 5' in capsys.readouterr().out
+    assert model.pos_embed.shape == (1, 1 + 12 * 12, 24) and model.head.weight.shape == (5, 24)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, fx['state_dict']['blocks.0.attn.qkv.weight'])
+
+
+def test_a_download_that_fails_its_checksum_is_refused_and_not_kept(tmp_path, monkeypatch):
+    _, cached = release(tmp_path, monkeypatch, digest='00000000')
+    with pytest.raises(ValueError, match='does not match its checksum'):
+        locvit.create_model('deit_t', pretrained=True, num_classes=10, **SMALL_DEIT)
+    assert not cached.exists()
+
+
+def test_a_corrupt_download_is_explained_and_not_kept(tmp_path, monkeypatch):
+    _, cached = release(tmp_path, monkeypatch, filename='deit_tiny.pth')
+    served = tmp_path / 'server' / 'deit_tiny.pth'
+    served.write_bytes(served.read_bytes()[:1000])               # truncated on the server
+    with pytest.raises(ValueError, match='unreadable'):
+        locvit.create_model('deit_t', pretrained=True, num_classes=10, **SMALL_DEIT)
+    assert not cached.exists()
+
+
+def test_no_network_and_no_weights_get_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    monkeypatch.setitem(locvit.PRETRAINED, 'deit_t', 'http://127.0.0.1:9/deit_tiny_patch16_224-a1311bcf.pth')
+    with pytest.raises(ValueError, match=r'could not download .* put it at .*hub/checkpoints/'
+                                         r'deit_tiny_patch16_224-a1311bcf.pth'):
+        locvit.create_model('deit_t', pretrained=True)
+    with pytest.raises(ValueError, match='deit_s24 has no released weights; these models have them: '
+                                         'deit_t, deit_s'):
+        locvit.create_model('deit_s24', pretrained=True)

@@ -18,7 +18,8 @@ import locvit
 # object -> (the helpers its docstring names, at most this many lines)
 COPYABLE = {
     'GPSA': (['relative_positions'], 60),
-    'LocalityFeedForward': (['seq2img', 'img2seq', 'make_act', 'ACTIVATIONS', 'SqueezeExcite', 'ECA'], 40),
+    'LocalityFeedForward': (['seq2img', 'img2seq', 'make_act', 'ACTIVATIONS', 'SqueezeExcite', 'ECA',
+                             'recompute'], 40),
     'ConvStem': ([], 30),
     'patch_cosine_loss': ([], 15),
     'patch_contrastive_loss': ([], 30),

@@ -248,53 +248,34 @@ def tiny(name, img_size=32):
 @pytest.mark.parametrize('img_size', [32, (32, 48)], ids=['32px', '32x48'])
 @pytest.mark.parametrize('name', FAMILIES)
 def test_every_loss_trains_every_family(name, img_size):
+    """train.PatchDiversity computes every form (the paper's and the released code's) for every
+    ViT family; each reaches the blocks."""
+    import train
     model = tiny(name, img_size)
     with torch.no_grad():                  # pycls inits the head at zero
         model.head.weight.normal_(0, 0.02)
-    head = locvit.PatchHead(model.norm.weight.shape[0], 10)
+    wrapper = train.PatchDiversity(model, dict.fromkeys(train.DIVERSE, 1.0), 10)
     images, labels = torch.randn(2, 3, *locvit.pair(img_size)), torch.tensor([1, 7])
     mixed, target, patch_labels, mask = locvit.patch_cutmix(images, labels, 10, model.grid,
                                                             model.patch_size, return_mask=True)
-    tokens, layers = model.forward_features(mixed, return_layers=True)
-    t = locvit.diversity_tokens(tokens, layers, model.grid, pos_embed=model.pos_embed)
-    n = model.grid[0] * model.grid[1]
-    assert all(x.shape == (2, n, tokens.shape[-1]) for x in t)
-    # the released anchor is the stem's output before the position embedding
-    torch.testing.assert_close(t.embed, locvit.img2seq(model.patch_embed(mixed)))
-    losses = {
-        'cos': locvit.patch_cosine_loss(t.last),
-        'con': locvit.patch_contrastive_loss(t.first, t.last),
-        'con_released': locvit.patch_contrastive_loss_released(t.embed, t.out, model.grid),
-        'mix': locvit.patch_mixing_loss(head(t.out), patch_labels),
-        'mix_region': locvit.region_mixing_loss(head, t.out, patch_labels, mask),
-        'cls': torch.sum(-target * model.forward_head(tokens).log_softmax(-1), dim=-1).mean(),
-    }
-    for key, loss in losses.items():
+    logits, terms = wrapper(mixed, patch_labels, mask)
+    assert set(terms) == set(train.DIVERSE)
+    for key, loss in terms.items():
         assert loss.ndim == 0 and torch.isfinite(loss), key
-    sum(losses.values()).backward()
-    last_block = model.blocks[-1].norm1.weight
-    assert last_block.grad is not None and last_block.grad.abs().sum() > 0
-    assert head.weight.grad.abs().sum() > 0
-    for key in ('cos', 'con'):             # each paper loss alone reaches the blocks
+    cls = torch.sum(-target * logits.log_softmax(-1), dim=-1).mean()
+    (cls + sum(terms.values())).backward()
+    assert model.blocks[-1].norm1.weight.grad.abs().sum() > 0
+    assert wrapper.patch_head.weight.grad.abs().sum() > 0
+    # the contrastive anchor is the patch embedding: the stem's output, before any attention
+    tokens, layers = model.forward_features(mixed, return_layers=True)
+    embed = locvit.img2seq(model.patch_embed(mixed))
+    torch.testing.assert_close(terms['con'], locvit.patch_contrastive_loss(
+        embed, locvit.patch_tokens(layers[-1], model.grid)))
+    for key in ('cos', 'con', 'con-dot'):  # each paper loss alone reaches the blocks
         model.zero_grad()
-        tokens, layers = model.forward_features(mixed, return_layers=True)
-        t = locvit.diversity_tokens(tokens, layers, model.grid)
-        loss = locvit.patch_cosine_loss(t.last) if key == 'cos' else \
-            locvit.patch_contrastive_loss(t.first, t.last)
-        loss.backward()
+        alone = train.PatchDiversity(model, {key: 1.0}, 10)
+        alone(mixed)[1][key].backward()
         assert model.blocks[-1].norm1.weight.grad.abs().sum() > 0, key
-
-
-def test_diversity_tokens_handles_the_class_token_alike():
-    for name, first_len in (('deit_t', 65), ('convit_t', 64)):
-        model = tiny(name)
-        tokens, layers = model.forward_features(torch.randn(2, 3, 32, 32), return_layers=True)
-        assert layers[1].shape[1] == first_len
-        t = locvit.diversity_tokens(tokens, layers, model.grid)
-        assert torch.equal(t.first, layers[1][:, -64:]) and torch.equal(t.last, layers[-1][:, 1:])
-        assert torch.equal(t.embed, layers[0][:, -64:]) and torch.equal(t.out, tokens[:, 1:])
-    with pytest.raises(ValueError, match='at least 2 layers'):
-        locvit.diversity_tokens(tokens, layers[:1], model.grid)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,15 +283,17 @@ def test_diversity_tokens_handles_the_class_token_alike():
 # --------------------------------------------------------------------------------------------------
 
 def test_parse_diverse_accepts_names_and_weights():
-    assert locvit.parse_diverse('cos,con,mix') == {'cos': 1.0, 'con': 1.0, 'mix': 1.0}
-    assert locvit.parse_diverse('cos=1, con=0.5') == {'cos': 1.0, 'con': 0.5, 'mix': 0.0}
-    assert locvit.parse_diverse(' mix = 2e-1 ') == {'cos': 0.0, 'con': 0.0, 'mix': 0.2}
-    assert locvit.parse_diverse('') == {'cos': 0.0, 'con': 0.0, 'mix': 0.0}
+    import train
+    off = dict.fromkeys(train.DIVERSE, 0.0)
+    assert train.parse_diverse('cos,con,mix') == {**off, 'cos': 1.0, 'con': 1.0, 'mix': 1.0}
+    assert train.parse_diverse('cos=1, con-dot=0.5') == {**off, 'cos': 1.0, 'con-dot': 0.5}
+    assert train.parse_diverse(' mix-region = 2e-1 ') == {**off, 'mix-region': 0.2}
+    assert train.parse_diverse('') == off
 
 
 @pytest.mark.parametrize('spec, message', [
-    ('cos,cosine', r"unknown over-smoothing loss 'cosine'.*cos, con, mix"),
-    ('cos=abc', r"malformed weight in 'cos=abc'.*cos, con, mix"),
+    ('cos,cosine', r"unknown over-smoothing loss 'cosine'.*cos, con, con-dot"),
+    ('cos=abc', r"malformed weight in 'cos=abc'"),
     ('con=-1', r"malformed weight in 'con=-1'.*>= 0"),
     ('mix=nan', r"malformed weight in 'mix=nan'"),
     ('cos=', r"malformed weight in 'cos='"),
@@ -318,5 +301,6 @@ def test_parse_diverse_accepts_names_and_weights():
     ('cos,cos=2', r"'cos' is given twice"),
 ])
 def test_parse_diverse_rejects_bad_parts(spec, message):
-    with pytest.raises(ValueError, match=message):
-        locvit.parse_diverse(spec)
+    import train
+    with pytest.raises(train.TrainError, match=message):
+        train.parse_diverse(spec)
