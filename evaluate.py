@@ -594,8 +594,10 @@ def benchmark_table(names, args, argv=None):
            'forward: eval mode, BatchNorms folded; train: forward + backward + AdamW step',
            'peak memory beyond the weights and the input batch (' + (
                'max_memory_allocated)' if device.type == 'cuda' else 'peak RSS, one process per model)')]
-    head = '| model | params (M) | GMACs | forward img/s | train img/s | peak MB |'
-    rule = '|---|---:|---:|---:|---:|---:|'
+    head = '| model | params (M) | GMACs | forward img/s | train img/s | peak MB | train TFLOP/s |'
+    rule = '|---|---:|---:|---:|---:|---:|---:|'
+    if args.peak_tflops:
+        head, rule = head + f' MFU (of {args.peak_tflops:g}) |', rule + '---:|'
     if timm_version:
         head += (' timm model | timm forward img/s | timm train img/s | timm peak MB | forward ours/timm | '
                  'train ours/timm | memory ours/timm |')
@@ -611,8 +613,10 @@ def benchmark_table(names, args, argv=None):
     errors = []
     for ours, theirs in map(median_of_rounds, rounds):
         errors += [f'{r["model"]}: {r["error"]}' for r in (ours, theirs) if r and 'error' in r]
-        cells = [f'`{ours["model"]}`'] + (['failed'] + ['–'] * 4 if 'error' in ours else [
-            f'{ours["params"] / 1e6:.2f}', f'{ours["macs"] / 1e9:.3f}', *numbers(ours)])
+        flops = 0 if 'error' in ours else 6 * ours['macs'] * ours['train'] / 1e12  # fwd + bwd ~ 3 fwd
+        cells = [f'`{ours["model"]}`'] + (['failed'] + ['–'] * 5 if 'error' in ours else [
+            f'{ours["params"] / 1e6:.2f}', f'{ours["macs"] / 1e9:.3f}', *numbers(ours), f'{flops:.3g}'])
+        cells += [f'{flops / args.peak_tflops:.1%}'] if args.peak_tflops else []
         if timm_version:
             cells += ['–' if theirs is None else f'`{theirs["model"][5:]}`'] + (numbers(theirs) + [
                 f'{ours["ratio"][k]:.2f}' for k in ('forward', 'train', 'peak_mb')] if 'ratio' in ours else ['–'] * 6)
@@ -657,6 +661,8 @@ def build_parser():
     g.add_argument('--rounds', type=int, default=1, metavar='R', help='measure every model and its timm twin '
                    'R times in turn; report the medians (default: 1)')
     g.add_argument('--threads', type=int, metavar='T', help="CPU threads (default: torch's)")
+    g.add_argument('--peak-tflops', type=float, metavar='P', help="the device's peak (e.g. 989 for an "
+                   'H100/H200 in bf16): adds model FLOP utilisation (default: none)')
     g.add_argument('--timm', action=argparse.BooleanOptionalAction, default=True, help="vs. timm's twins (default: on)")
     g.add_argument('--zoo', action='store_true', help='parameters and MACs of every model')
     return p

@@ -13,7 +13,6 @@ Read top to bottom: config -> distributed setup -> data -> model -> optimizer ->
 import argparse
 import dataclasses
 import functools
-import io
 import json
 import math
 import os
@@ -50,30 +49,30 @@ def flag(default, help, choices=None):
 @dataclass
 class Config:
     # model: a zoo name (or timm's), and overrides in the papers' words
-    arch: str = flag('localvit_t', 'the model: a zoo name (locvit.list_models()) or timm\'s name')
+    arch: str = flag('localvit_t', "the model: a zoo name (locvit.list_models()) or timm's name")
     img_size: int = flag(None, 'image size (follows the data: 32 synthetic/CIFAR, 224 folder)')
-    patch_size: int = flag(None, 'patch size, or a conv stem\'s total stride (follows the data: 4 at 32 px)')
-    drop_path: float = flag(None, 'stochastic depth rate of the last block')
-    embed_dim: int = flag(None, 'width (default: the model\'s)')
-    depth: int = flag(None, 'blocks (default: the model\'s)')
-    num_heads: int = flag(None, 'attention heads (default: the model\'s)')
-    mlp_ratio: float = flag(None, 'hidden width of the feed-forward / width (default: the model\'s)')
+    patch_size: int = flag(None, "patch size, or a conv stem's total stride (follows the data: 4 at 32 px)")
+    drop_path: float = flag(None, 'stochastic depth rate of the last block (recipe: 0.1)')
+    embed_dim: int = flag(None, "width (default: the model's)")
+    depth: int = flag(None, "blocks (default: the model's)")
+    num_heads: int = flag(None, "attention heads (default: the model's)")
+    mlp_ratio: float = flag(None, "the feed-forward's hidden width / width (default: the model's)")
     local_up_to_layer: int = flag(None, 'ConViT: GPSA in the blocks before this one')
     locality_strength: float = flag(None, 'ConViT: alpha of the convolutional init (default 1)')
     local_init: bool = flag(None, 'ConViT: the convolutional init of GPSA (default on)')
     talking_heads: bool = flag(None, 'talking-heads attention (over-smoothing paper; default off)')
     stem_channels: str = flag(None, 'a conv stem (ViT_C) of these widths on any ViT, e.g. 24,48,96,192')
     stem_strides: str = flag(None, "the conv stem's strides, e.g. 2,2,2,2 (default 2 each)")
-    ffn: str = flag(None, 'the feed-forward network (default: the model\'s)', ('mlp', 'lff'))
+    ffn: str = flag(None, "the feed-forward network (default: the model's)", ('mlp', 'lff'))
     act: str = flag(None, "the LFF's activation (default hswish)", tuple(locvit.ACTIVATIONS))
     channel_attn: str = flag(None, "the LFF's channel attention (default se)", ('se', 'eca', 'none'))
     reduction: int = flag(None, "the LFF's SE reduction of the expanded width (default: the model's)")
     lff_kernel: int = flag(None, "the LFF's depthwise kernel; 1 removes the locality (default 3)")
     finetune: str = flag(None, 'start from these weights: a path, a URL, or "pretrained" (the released '
-                              'ones); the classifier is new when the class count differs')
+                               'ones); a new classifier when the class count differs')
     # data
-    data: str = flag('synthetic', 'the data set; folder: --data-path holds train/ and val/',
-                    ('synthetic', 'cifar10', 'cifar100', 'folder'))
+    data: str = flag('synthetic', 'the data: folder = --data-path with train/ and val/',
+                     ('synthetic', 'cifar10', 'cifar100', 'folder'))
     data_path: str = flag(None, 'where the data is (CIFAR default: data/)')
     download: bool = flag(False, 'CIFAR: download it when missing (needs internet)')
     num_classes: int = flag(None, 'keep the first K classes (sorted order; default: all)')
@@ -83,14 +82,13 @@ class Config:
     synthetic_val: int = flag(1000, 'synthetic data: validation images')
     gpu_decode: bool = flag(False, 'folder data: decode JPEGs and augment on the GPU, not in workers')
     # optimisation
-    recipe: str = flag('auto', "whose recipe (auto: the model family's)", ('auto', *['deit', 'convit', 'convit+', 'pycls']))
-    epochs: int = flag(None, 'epochs (recipe: 300 DeiT/ConViT/LocalViT, 400 pycls)')
-    batch_size: int = flag(None, 'images per process and step (recipe: 128; x 8 GPUs = 1024)')
+    recipe: str = flag('auto', "whose recipe (auto: the model family's)", ('auto', 'deit', 'convit', 'convit+', 'pycls'))
+    epochs: int = flag(None, 'epochs (recipe: 300; pycls 400)')
+    batch_size: int = flag(None, 'images per process and step (recipe: 128, x 8 GPUs = 1024)')
     accum: int = flag(1, 'gradient accumulation: micro-batches per optimizer step')
-    opt: str = flag(None, 'optimizer (recipe: adamw; sgd is Nesterov with --momentum)', ('adamw', 'sgd'))
+    opt: str = flag(None, 'optimizer (recipe: adamw; sgd: Nesterov, momentum 0.9)', ('adamw', 'sgd'))
     lr: float = flag(None, 'peak learning rate PER 512 IMAGES, scaled by the global batch (recipe: 5e-4)')
-    weight_decay: float = flag(None, 'weight decay, not on biases, norms, gates, embeddings (recipe: 0.05)')
-    momentum: float = flag(0.9, 'SGD momentum')
+    weight_decay: float = flag(None, 'not on biases, norms, gates, embeddings (recipe: 0.05)')
     warmup_epochs: float = flag(None, 'linear warm-up epochs (recipe: 5)')
     warmup_lr: float = flag(None, 'learning rate the warm-up starts from (recipe: 1e-6)')
     min_lr: float = flag(None, 'learning rate the cosine ends at (recipe: 1e-5)')
@@ -99,16 +97,15 @@ class Config:
     smoothing: float = flag(None, 'label smoothing (recipe: 0.1)')
     mixup: float = flag(None, 'MixUp alpha, 0 = off (recipe: 0.8)')
     cutmix: float = flag(None, 'CutMix alpha, 0 = off; one of the two per batch (recipe: 1.0)')
-    randaug: str = flag(None, "DeiT's RandAugment: 'N,M' = N ops at magnitude M of 10 (std 0.5), or off (recipe: 2,9)")
+    randaug: str = flag(None, "DeiT's RandAugment 'N,M': N ops at magnitude M of 10, or off (recipe: 2,9)")
     autoaugment: bool = flag(None, "torchvision's ImageNet AutoAugment instead (recipe: pycls's)")
     reprob: float = flag(None, 'random erasing probability (recipe: 0.25)')
     crop_scale: float = flag(None, "RandomResizedCrop's smallest area (follows the data: 0.08 ImageNet)")
     repeated_aug: int = flag(None, 'repeated augmentation: copies of each image per epoch (recipe: 3)')
-    ema: bool = flag(None, 'keep an exponential moving average of the weights (recipe: on for DeiT)')
+    ema: bool = flag(None, 'an exponential moving average of the weights (recipe: on for DeiT)')
     ema_decay: float = flag(None, 'EMA decay per optimizer step (recipe: 0.99996)')
-    # patch diversification (Gong et al.)
-    diverse: str = flag(None, 'patch-diversity losses and weights, e.g. cos=1,con=1,mix=1 (also con-dot, '
-                             'con-released, mix-region; see DIVERSE)')
+    diverse: str = flag(None, 'patch-diversity losses (Gong et al.) and weights, e.g. cos=1,con=1,mix=1; '
+                              'also con-dot, con-released, mix-region (see parse_diverse)')
     # running
     amp: str = flag(None, 'autocast (default: bf16 on CUDA, off on CPU)', ('bf16', 'fp16', 'off'))
     compile: bool = flag(False, 'torch.compile the model')
@@ -121,7 +118,7 @@ class Config:
     progress: bool = flag(True, 'progress bars on rank 0')
 
 
-# Each family's published ImageNet recipe (224 px, batch per process for 8 GPUs).
+# Each family's published ImageNet recipe (224 px; batch per process, for 8 GPUs)
 _DEIT = dict(epochs=300, batch_size=128, opt='adamw', lr=5e-4, weight_decay=0.05, warmup_epochs=5,
              warmup_lr=1e-6, min_lr=1e-5, smoothing=0.1, mixup=0.8, cutmix=1.0, randaug='2,9',
              autoaugment=False, reprob=0.25, repeated_aug=3, drop_path=0.1, ema=True, ema_decay=0.99996)
@@ -144,9 +141,15 @@ DATA_SETTINGS = {
     'cifar': dict(img_size=32, patch_size=4, crop_scale=0.35, repeated_aug=1, batch_size=128),
     'folder': dict(img_size=224, crop_scale=0.08),
 }
-MODEL_FLAGS = ('img_size', 'patch_size', 'drop_path', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio',
-               'local_up_to_layer', 'locality_strength', 'local_init', 'talking_heads',
-               'stem_channels', 'stem_strides', 'ffn', 'act', 'channel_attn', 'reduction', 'lff_kernel')
+# the model flags: where create_model takes each (an option, or a key of a dict option)
+MODEL_FLAGS = {'img_size': 'img_size', 'patch_size': 'patch_size', 'drop_path': 'drop_path',
+               'embed_dim': 'embed_dim', 'depth': 'depth', 'num_heads': 'num_heads',
+               'mlp_ratio': 'mlp_ratio', 'local_up_to_layer': 'local_up_to_layer',
+               'talking_heads': 'talking_heads', 'locality_strength': ('gpsa', 'locality_strength'),
+               'local_init': ('gpsa', 'local_init'), 'stem_channels': ('conv_stem', 'channels'),
+               'stem_strides': ('conv_stem', 'strides'), 'ffn': 'lff', 'act': ('lff', 'act'),
+               'channel_attn': ('lff', 'channel_attn'), 'reduction': ('lff', 'reduction'),
+               'lff_kernel': ('lff', 'kernel_size')}
 
 
 class TrainError(Exception):
@@ -154,19 +157,18 @@ class TrainError(Exception):
 
 
 def add_flags(parser, names):
-    """A flag per Config field: its help, its default or 'the recipe's', its choices."""
+    """A flag per Config field named: its help, its default (or the recipe's), its choices."""
     for f in dataclasses.fields(Config):
-        if f.name not in names:
-            continue
-        flag, meta = '--' + f.name.replace('_', '-'), f.metadata
-        shown = '' if f.default is None else f' (default: {f.default})'
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=meta['help'] + shown)
-        else:
-            kind = {'int': int, 'float': float}.get(f.type.__name__, str)
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=meta['choices'],
-                                metavar=None if meta['choices'] else f.name.upper(), help=meta['help'] + shown)
+        if f.name in names:
+            name, meta = '--' + f.name.replace('_', '-'), f.metadata
+            shown = meta['help'] + ('' if f.default is None else f' (default: {f.default})')
+            if f.type is bool:
+                parser.add_argument(name, action=argparse.BooleanOptionalAction, help=shown,
+                                    default=argparse.SUPPRESS)
+            else:
+                parser.add_argument(name, type={'int': int, 'float': float}.get(f.type.__name__, str),
+                                    choices=meta['choices'], default=argparse.SUPPRESS, help=shown,
+                                    metavar=None if meta['choices'] else f.name.upper())
 
 
 def add_model_flags(parser):
@@ -174,6 +176,7 @@ def add_model_flags(parser):
 
 
 def family(arch):
+    """Whose recipe a zoo model trains with."""
     arch = locvit.model_name(arch)
     if arch.startswith('convit'):
         return 'convit+' if arch.endswith('_plus') else 'convit'
@@ -184,15 +187,28 @@ def parse_config(argv=None):
     """Flags -> Config: the flags given, then what the data sets, then the family's recipe."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser, [f.name for f in dataclasses.fields(Config)])
-    given = vars(parser.parse_args(argv))
-    cfg = Config(**given)
+    cfg = Config(**vars(parser.parse_args(argv)))
     try:
         cfg.arch = locvit.model_name(cfg.arch)
     except ValueError as e:
         raise TrainError(f'--arch: {e}') from None
     fill_defaults(cfg)
     cfg.amp = cfg.amp or ('bf16' if torch.cuda.is_available() else 'off')
-    check_config(cfg)
+    for name in ('epochs', 'batch_size', 'accum', 'repeated_aug', 'eval_every'):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(cfg, name)}')
+    if not 0 < cfg.data_fraction <= 1:
+        raise TrainError(f'--data-fraction must lie in (0, 1], got {cfg.data_fraction}')
+    try:
+        n, m = cfg.randaug.split(',') if cfg.randaug != 'off' else (1, 0)
+        assert int(n) >= 1 and 0 <= float(m) <= 10
+    except (ValueError, AssertionError):
+        raise TrainError(f"--randaug takes 'N,M' (N ops per image, magnitude M on 0..10, e.g. 2,9 "
+                         f"as DeiT) or 'off'; got {cfg.randaug!r}") from None
+    weights = parse_diverse(cfg.diverse)
+    if (weights['mix'] or weights['mix-region']) and cfg.mixup > 0:
+        raise TrainError('the patch mixing loss (--diverse mix) labels every patch with one image, '
+                         'which MixUp blends away; add --mixup 0 (the patch-aligned CutMix is used)')
     if cfg.scale_epochs:                    # ConViT's sample-efficiency protocol
         cfg.epochs = round(cfg.epochs / cfg.data_fraction)
     cfg.out = cfg.out or os.path.join('runs', f'{cfg.arch}-{cfg.data}')
@@ -214,25 +230,6 @@ def fill_defaults(cfg):
     return cfg
 
 
-def check_config(cfg):
-    for name in ('epochs', 'batch_size', 'accum', 'repeated_aug', 'eval_every'):
-        if getattr(cfg, name) < 1:
-            raise TrainError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(cfg, name)}')
-    if not 0 < cfg.data_fraction <= 1:
-        raise TrainError(f'--data-fraction must lie in (0, 1], got {cfg.data_fraction}')
-    if cfg.randaug != 'off':
-        try:
-            n, m = (float(s) for s in cfg.randaug.split(','))
-            assert n == int(n) >= 1 and 0 <= m <= 10
-        except (ValueError, AssertionError):
-            raise TrainError(f"--randaug takes 'N,M' (N ops per image, magnitude M on 0..10, e.g. "
-                             f"2,9 as DeiT) or 'off'; got {cfg.randaug!r}") from None
-    weights = parse_diverse(cfg.diverse)
-    if (weights['mix'] or weights['mix-region']) and cfg.mixup > 0:
-        raise TrainError('the patch mixing loss (--diverse mix) labels every patch with one image, '
-                         'which MixUp blends away; add --mixup 0 (the patch-aligned CutMix is used)')
-
-
 def data_kind(name):
     return 'cifar' if name.startswith('cifar') else name
 
@@ -241,21 +238,17 @@ DIVERSE = ('cos', 'con', 'con-dot', 'con-released', 'mix', 'mix-region')
 
 
 def parse_diverse(spec):
-    """'cos,con,mix' (weight 1 each) or 'cos=1,con=0.5' -> a weight per loss (0: off):
-    cos           locvit.patch_cosine_loss on the last layer's patches
-    con           locvit.patch_contrastive_loss, cosine similarity, tau 0.1 (the default form)
-    con-dot       the same with the paper's raw dot product and tau 1
-    con-released  locvit.patch_contrastive_loss_released (the released code's 3-way form)
-    mix           locvit.patch_mixing_loss: a classifier on every patch after patch-grid CutMix
-    mix-region    locvit.region_mixing_loss (the released code's region means)"""
+    """'cos,con,mix' (weight 1 each) or 'cos=1,con=0.5' -> a weight per loss of DIVERSE (0: off):
+    cos (locvit.patch_cosine_loss), con (patch_contrastive_loss: cosine, tau 0.1), con-dot (the
+    paper's raw dot product, tau 1), con-released (the released code's 3-way form), mix
+    (patch_mixing_loss after patch-grid CutMix), mix-region (the released region means)."""
     weights, seen = dict.fromkeys(DIVERSE, 0.0), set()
     for part in (spec.split(',') if (spec or '').strip() else []):
         name, has_weight, value = (s.strip() for s in part.partition('='))
-        if name not in DIVERSE:
-            raise TrainError(f'--diverse: unknown over-smoothing loss {name!r}; choose from '
+        if name not in DIVERSE or name in seen:
+            raise TrainError(f'--diverse: {name!r} is given twice in {spec!r}' if name in seen else
+                             f'--diverse: unknown over-smoothing loss {name!r}; choose from '
                              f'{", ".join(DIVERSE)}, e.g. "cos=1,con=1,mix=1"')
-        if name in seen:
-            raise TrainError(f'--diverse: {name!r} is given twice in {spec!r}')
         seen.add(name)
         try:
             weights[name] = float(value) if has_weight else 1.0
@@ -275,20 +268,17 @@ def setup_distributed():
     if 'RANK' not in os.environ:
         return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    # torch._dynamo (torchvision's transforms import it) keeps alive any process group that exists
-    # when it is first imported, past destroy_process_group; a gloo group alive at exit now and
-    # then aborts the process ("terminate called without an active exception"). Import it first.
+    # torch._dynamo keeps alive any process group that exists when it is first imported; a gloo
+    # group alive at exit now and then aborts the process. Import it before the group exists.
     from torch import _dynamo  # noqa: F401
     if torch.cuda.is_available():
-        device = torch.device('cuda', local_rank)
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         torch.cuda.set_device(device)
         dist.init_process_group('nccl', device_id=device)
     else:
         device = torch.device('cpu')
         dist.init_process_group('gloo')
-        local_world = int(os.environ.get('LOCAL_WORLD_SIZE', world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', world))))
     return rank, world, device
 
 
@@ -306,10 +296,8 @@ def sync_buffers(*modules):
     """DDP sends rank 0's buffers to the others only at the start of each forward, so after the
     last step every rank holds BatchNorm statistics of its own. Before evaluating or saving,
     make every rank's buffers (the model's and the EMA's) rank 0's: the ones saved."""
-    if is_distributed():
-        for module in modules:
-            for buffer in module.buffers():
-                dist.broadcast(buffer, 0)
+    for buffer in (b for m in modules for b in m.buffers()) if is_distributed() else []:
+        dist.broadcast(buffer, 0)
 
 
 # ==================================================================================================
@@ -398,14 +386,14 @@ class UnreadableImage(Exception):
 
 
 class ImageFolder(Dataset):
-    """torchvision's ImageFolder over encoded bytes (the transform decodes them, or the GPU does
-    with --gpu-decode); a file that cannot be read or decoded fails with its name and the fix."""
+    """torchvision's ImageFolder over encoded bytes (decoded by the transform, or by the GPU with
+    --gpu-decode); a file that cannot be read or decoded fails with its name and the fix."""
 
     def __init__(self, root, transform):
         from torchvision import datasets
         from torchvision.io import read_file
-        self.folder = datasets.ImageFolder(root, loader=lambda path: read_file(path))
-        self.classes, self.targets, self.transform = self.folder.classes, self.folder.targets, transform
+        self.folder, self.transform = datasets.ImageFolder(root, loader=read_file), transform
+        self.classes, self.targets = self.folder.classes, self.folder.targets
 
     def __len__(self):
         return len(self.folder)
@@ -416,36 +404,31 @@ class ImageFolder(Dataset):
             return (self.transform(data) if self.transform else data), target
         except Exception as e:
             raise UnreadableImage(f'cannot read image {self.folder.samples[i][0]} ({type(e).__name__}: '
-                                  f'{str(e).strip().splitlines()[0][:100]}); remove or replace the file') from None
+                                  f'{str(e).strip()[:100]}); remove or replace the file') from None
 
 
 # ==================================================================================================
-# Transforms: DeiT's augmentation, fast. RandAugment 'rand-m9-mstd0.5-inc1' exactly as timm draws
-# it (DeiT's recipe: magnitude 9 on a 0..10 scale, std 0.5, each op with probability 1/2, mean-pixel
-# fill, bicubic); the ops are written once with torchvision's v2 functional ops, which run them on
-# PIL images (the CPU loaders: Pillow is fastest, and bit-identical to timm) and on uint8 tensors
-# on any device (--gpu-decode). Crop and resize run on uint8 tensors; normalising and random
-# erasing are fused. Random draws come from `rng` (Python's random, seeded per worker), erasing
-# noise from torch.
+# Transforms: DeiT's augmentation, fast. RandAugment 'rand-m9-mstd0.5-inc1' exactly as timm draws it
+# (magnitude 9 on a 0..10 scale, std 0.5, each op kept with probability 1/2, mean-pixel fill,
+# bicubic). The ops are written once with torchvision's v2 functional ops, which run them on PIL
+# images (CPU loaders: Pillow is fastest there, and bit-identical to timm) and on uint8 tensors on
+# any device (--gpu-decode). Crops are resized on uint8 tensors; normalising and erasing are fused.
+# Random draws come from `rng` (Python's random, seeded per worker); erasing noise from torch.
 # ==================================================================================================
 
 FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)    # (124, 116, 104): geometric ops fill with it
 BICUBIC = TF.InterpolationMode.BICUBIC
 
 
-# ---- RandAugment (Cubuk et al. 2020), exactly as timm's rand_augment_transform draws it ----------
-
 def affine(img, m):
     """Output pixel (x, y) takes the input at (m0 x + m1 y + m2, m3 x + m4 y + m5), in pixels from the
     top-left corner (PIL's convention, timm's ops); bicubic; FILL where that point is outside."""
     if isinstance(img, Image.Image):
         return img.transform(img.size, Image.AFFINE, m, Image.BICUBIC, fillcolor=FILL)
-    # torchvision's affine() has no bicubic for tensors: grid_sample, the map in its [-1, 1] units
-    c, h, w = img.shape
+    c, h, w = img.shape                     # tensors: grid_sample (affine() has no bicubic)
     a, b, tx, d, e, ty = m
     theta = torch.tensor([[a, b * h / w, a + b * h / w + 2 * tx / w - 1],
-                          [d * w / h, e, d * w / h + e + 2 * ty / h - 1]], device=img.device,
-                         dtype=torch.float32)
+                          [d * w / h, e, d * w / h + e + 2 * ty / h - 1]], device=img.device)
     grid = F.affine_grid(theta[None], [1, c, h, w], align_corners=False)
     out = F.grid_sample(img[None].float(), grid, 'bicubic', 'border', align_corners=False)[0]
     fill = torch.tensor(FILL, dtype=out.dtype, device=img.device).view(3, 1, 1)
@@ -457,15 +440,12 @@ def rotate(img, degrees):
     """Counter-clockwise about the image centre, as PIL's Image.rotate."""
     h, w = TF.get_size(img)
     cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    cx, cy = w / 2, h / 2
-    return affine(img, (cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy))
+    return affine(img, (cos, -sin, w / 2 * (1 - cos) + sin * h / 2, sin, cos, h / 2 * (1 - cos) - sin * w / 2))
 
 
 def posterize(img, bits):
     """Keep the `bits` high bits; 0 (magnitude 10) gives black, as old Pillow did (Pillow 13 raises)."""
-    if bits == 0 and isinstance(img, Image.Image):
-        return Image.new(img.mode, img.size)
-    return TF.posterize(img, bits)
+    return Image.new(img.mode, img.size) if bits == 0 and isinstance(img, Image.Image) else TF.posterize(img, bits)
 
 
 def solarize_add(img, add):
@@ -475,7 +455,7 @@ def solarize_add(img, add):
     return torch.where(img < 128, img + add, img)        # add <= 128: no uint8 overflow below 128
 
 
-def enhance(m, sign):                                    # blend factor of the *Increasing ops
+def enhance(m, sign):                                    # the blend factor of the *Increasing ops
     return max(0.1, 1.0 + sign * m * 0.9)
 
 
@@ -487,7 +467,7 @@ RANDAUG_OPS = {
     'Invert': (lambda img, _: TF.invert(img), lambda m, s: None),
     'Rotate': (rotate, lambda m, s: s * m * 30),                                    # degrees
     'PosterizeIncreasing': (posterize, lambda m, s: 4 - int(m * 4)),                # bits kept
-    'SolarizeIncreasing': (lambda img, t: TF.solarize(img, t) if t < 256 else img,   # invert >= t
+    'SolarizeIncreasing': (lambda img, t: TF.solarize(img, t) if t < 256 else img,  # invert >= t
                            lambda m, s: 256 - min(256, int(m * 256))),
     'SolarizeAdd': (solarize_add, lambda m, s: min(128, int(m * 110))),
     'ColorIncreasing': (TF.adjust_saturation, enhance),
@@ -526,8 +506,6 @@ def rand_augment(img, plan):
     return img
 
 
-# ---- the transforms: image in (encoded bytes or decoded), normalised float (3, 224, 224) out ----
-
 def crop_box(width, height, rng=random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop's box (left, top, w, h) from the image size alone (torchvision's get_params):
     area ~ U(scale) x image, log aspect ~ U(log ratio); 10 tries, then the largest centred box."""
@@ -556,13 +534,10 @@ def normalize_erase(x, rng=random, re_prob=0.25):
     'pixel' mode, per image with probability re_prob: a box of 2-33% of the area, aspect 0.3-3.3,
     filled with N(0, 1) noise (the scale of normalised data)."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1) * 255
-    inv_std = 1 / (torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1) * 255)
-    x = x.contiguous().float().sub_(mean).mul_(inv_std)
+    x = x.contiguous().float().sub_(mean).div_(torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1) * 255)
     H, W = x.shape[-2:]
     for img in x.view(-1, 3, H, W):
-        if rng.random() >= re_prob:
-            continue
-        for _ in range(10):                                  # 10 tries at a box that fits
+        for _ in range(10 if rng.random() < re_prob else 0):    # 10 tries at a box that fits
             area = rng.uniform(0.02, 1 / 3) * H * W
             aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
             h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
@@ -574,146 +549,130 @@ def normalize_erase(x, rng=random, re_prob=0.25):
 
 
 def to_image(data):
-    """Encoded bytes (a 1-D uint8 tensor, as torchvision.io.read_file gives), a PIL image or a uint8
-    (3, H, W) tensor -> uint8 (3, H, W). torchvision decodes with libjpeg-turbo straight into a tensor
-    (the same pixels as Pillow, faster; see REPORT.md for why not Pillow's draft mode)."""
+    """Encoded bytes (a 1-D uint8 tensor), a PIL image or a uint8 (3, H, W) tensor -> uint8
+    (3, H, W): torchvision decodes with libjpeg-turbo (Pillow's pixels, faster)."""
     if isinstance(data, Image.Image):
         return TF.pil_to_tensor(data.convert('RGB'))
     return decode_image(data, mode=ImageReadMode.RGB) if data.ndim == 1 else data
 
 
+def randaug_setting(cfg):
+    """'2,9' -> (2, 9.0): ops per image, magnitude on 0..10; None when off or under AutoAugment."""
+    if cfg.randaug == 'off' or cfg.autoaugment:
+        return None
+    n, m = cfg.randaug.split(',')
+    return int(n), float(m)
+
+
 def augment_train(data, size=224, rng=random, scale=(0.08, 1.0), randaug=(2, 9), re_prob=0.25,
                   normalize=True, autoaugment=False):
-    """DeiT's train transform: RandomResizedCrop (bicubic), flip, RandAugment (randaug = (ops,
-    magnitude), or None; autoaugment: torchvision's ImageNet AutoAugment instead, pycls's recipe),
-    normalise, RandomErasing ('pixel'). normalize=False returns the uint8 image, for
-    normalize_erase on the batch on the GPU."""
+    """DeiT's train transform of one image (encoded bytes, PIL or a uint8 tensor): RandomResizedCrop
+    (bicubic), flip, RandAugment (randaug = (ops, magnitude), or None; or AutoAugment), normalise,
+    RandomErasing ('pixel'). normalize=False returns uint8, to normalize_erase a batch on the GPU."""
     x = to_image(data)
     x = crop_flip(x, crop_box(x.shape[2], x.shape[1], rng, scale), size, rng)
     plan = randaug_plan(rng, *randaug) if randaug else []
     if plan or autoaugment:                               # on a CPU, Pillow runs the ops fastest
-        img = Image.fromarray(x.permute(1, 2, 0).numpy())
-        x = TF.pil_to_tensor(auto_augment(img) if autoaugment else rand_augment(img, plan))
+        pil = Image.fromarray(x.permute(1, 2, 0).numpy())
+        x = TF.pil_to_tensor(auto_augment(pil) if autoaugment else rand_augment(pil, plan))
     return normalize_erase(x, rng, re_prob) if normalize else x
 
 
-def resize_center(x, size=224, crop_pct=0.875):
-    """Shorter side to size / crop_pct (256; bicubic, antialiased), then the centre size x size."""
+def auto_augment(img):
+    """pycls's recipe: torchvision's ImageNet AutoAugment policy (PIL image or uint8 tensor)."""
+    from torchvision.transforms import v2
+    return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, fill=list(FILL))(img)
+
+
+def resize_center(x, size, crop_pct):
+    """Shorter side to size / crop_pct (bicubic, antialiased), then the centre size x size."""
     return TF.center_crop(TF.resize(x, int(size / crop_pct), BICUBIC, antialias=True), size)
 
 
 def augment_val(data, size=224, crop_pct=0.875, normalize=True):
-    """DeiT's evaluation transform: resize to 256, centre crop 224, normalise (unless told not to)."""
+    """DeiT's evaluation transform: resize to size / 0.875 (256), centre crop, normalise."""
     x = resize_center(to_image(data), size, crop_pct)
     return normalize_erase(x, re_prob=0) if normalize else x
 
 
+def train_transform(img, cfg, rng=random):
+    return augment_train(img, cfg.img_size, rng, (cfg.crop_scale, 1.0), randaug_setting(cfg), cfg.reprob,
+                         autoaugment=cfg.autoaugment)
+
+
+def val_transform(img, cfg, rng=None):          # ImageNet-like folders: DeiT's crop; else whole
+    return augment_val(img, cfg.img_size, crop_fraction(cfg))
+
+
+def crop_fraction(cfg):
+    return 0.875 if cfg.data == 'folder' else 1.0
+
+
 def device_batch(datas, device, cfg, train=True):
     """--gpu-decode: JPEG bytes (a list of uint8 tensors) -> normalised float (B, 3, S, S) on
-    `device`: one batched decode there (nvjpeg on a GPU; a file nvjpeg refuses, PNG or CMYK, is
-    decoded on the CPU), then the steps above per image, RandAugment on tensors."""
-    size, rng, scale, randaug, re_prob, crop_pct = (cfg.img_size, random, (cfg.crop_scale, 1.0),
-                                                    randaug_setting(cfg), cfg.reprob, crop_fraction(cfg))
+    `device`: one batched decode there (nvjpeg on a GPU; if it refuses a file, PNG or CMYK, the
+    batch is decoded on the CPU), then the steps above per image, RandAugment on tensors."""
     try:
         images = decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
         images = [to_image(d).to(device) for d in datas]
-    out = []
+    out, setting = [], randaug_setting(cfg)
     for x in images:
         if train:
-            x = crop_flip(x, crop_box(x.shape[2], x.shape[1], rng, scale), size, rng)
-            out.append(rand_augment(x, randaug_plan(rng, *randaug) if randaug else []))
+            x = crop_flip(x, crop_box(x.shape[2], x.shape[1], random, (cfg.crop_scale, 1.0)), cfg.img_size)
+            out.append(auto_augment(x) if cfg.autoaugment else
+                       rand_augment(x, randaug_plan(random, *setting) if setting else []))
         else:
-            out.append(resize_center(x, size, crop_pct))
-    return normalize_erase(torch.stack(out), rng, re_prob if train else 0)
+            out.append(resize_center(x, cfg.img_size, crop_fraction(cfg)))
+    return normalize_erase(torch.stack(out), random, cfg.reprob if train else 0)
 
 
-def randaug_setting(cfg):
-    """'2,9' -> (2, 9.0) (ops, magnitude); 'off' or AutoAugment -> None."""
-    if cfg.randaug == 'off' or cfg.autoaugment:
-        return None
-    n, m = cfg.randaug.split(',')
-    return int(float(n)), float(m)
-
-
-def crop_fraction(cfg):
-    """Evaluation: ImageNet-like folders are resized to size / 0.875 and centre-cropped (DeiT);
-    synthetic and CIFAR images are taken whole."""
-    return 0.875 if cfg.data == 'folder' else 1.0
-
-
-def auto_augment(img):
-    from torchvision.transforms import v2
-    return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, v2.InterpolationMode.BILINEAR, fill=FILL)(img)
-
-
-def train_transform(img, cfg, rng=random):
-    """One training image (encoded bytes, a PIL image or a uint8 tensor) -> (3, S, S) float."""
-    return augment_train(img, cfg.img_size, rng, (cfg.crop_scale, 1.0), randaug_setting(cfg),
-                         cfg.reprob, autoaugment=cfg.autoaugment)
-
-
-def val_transform(img, cfg, rng=None):
-    return augment_val(img, cfg.img_size, crop_fraction(cfg))
-
-
-def build_datasets(cfg):
-    """-> (train set, val set, class names), with --num-classes and --data-fraction applied."""
-    train, val = build_split(cfg, 'train'), build_split(cfg, 'val')
-    classes = first_classes(cfg, train.classes)
-    return select(train, len(classes), cfg.data_fraction), select(val, len(classes), 1.0), classes
+def build_datasets(cfg, splits=('train', 'val')):
+    """-> the data sets of `splits` (--num-classes and --data-fraction applied to train), then the
+    class names the run uses (the first --num-classes, sorted)."""
+    sets = [build_split(cfg, split) for split in splits]
+    classes = list(sets[0].classes)
+    if cfg.num_classes is not None and cfg.data != 'synthetic':
+        if not 1 <= cfg.num_classes <= len(classes):
+            raise TrainError(f'--num-classes {cfg.num_classes}: the data has {len(classes)} '
+                             f'classes; choose a number from 1 to {len(classes)}')
+        classes = classes[:cfg.num_classes]
+    fractions = [cfg.data_fraction if s == 'train' else 1.0 for s in splits]
+    return [select(d, len(classes), f) for d, f in zip(sets, fractions)] + [classes]
 
 
 def build_val_set(cfg):
-    """-> (val set, class names): the validation data alone, as build_datasets makes it, without
-    reading the training images (evaluate.py)."""
-    val = build_split(cfg, 'val')
-    classes = first_classes(cfg, val.classes)
-    return select(val, len(classes), 1.0), classes
+    """-> (val set, class names), without reading the training images (evaluate.py)."""
+    return tuple(build_datasets(cfg, ('val',)))
 
 
 def build_split(cfg, split):
     """One split ('train' or 'val') of the data, with its transform."""
     is_train = split == 'train'
     transform = None if cfg.gpu_decode else functools.partial(
-        train_transform if is_train else val_transform, cfg=cfg, rng=random)
+        train_transform if is_train else val_transform, cfg=cfg)
     if cfg.data == 'synthetic':
         return SyntheticShapes(cfg.img_size, cfg.synthetic_train if is_train else cfg.synthetic_val,
                                cfg.num_classes, cfg.seed + (not is_train), transform)
     if cfg.data.startswith('cifar'):
         from torchvision import datasets
-        root, cls = cfg.data_path or 'data', getattr(datasets, cfg.data.upper())
+        root = cfg.data_path or 'data'
         try:
-            return cls(root, train=is_train, transform=transform, download=cfg.download)
+            return getattr(datasets, cfg.data.upper())(root, is_train, transform, download=cfg.download)
         except RuntimeError as e:
             raise TrainError(f'{cfg.data} not found under {root!r} ({e}); add --download to fetch it '
                              f'(needs internet), or point --data-path at the folder that holds it') from None
         except OSError as e:                # no network while downloading
             raise TrainError(f'could not download {cfg.data} ({e}); copy it into {root!r} '
                              f'and run without --download') from None
-    if not cfg.data_path:
-        raise TrainError('--data folder needs --data-path DIR, a folder with train/ and val/ '
-                         'holding one sub-folder of images per class')
-    root = os.path.join(cfg.data_path, split)
-    if not os.path.isdir(root):
-        raise TrainError(f'{root!r} does not exist; --data-path must hold train/ and val/, '
-                         f'each with one sub-folder of images per class')
+    root = os.path.join(cfg.data_path or '', split)
+    if not cfg.data_path or not os.path.isdir(root):
+        raise TrainError('--data folder needs --data-path DIR, a folder with train/ and val/ holding '
+                         'one sub-folder of images per class' + (f'; {root!r} does not exist' * bool(cfg.data_path)))
     try:
         return ImageFolder(root, transform)
     except FileNotFoundError as e:          # no class folders, or a class folder without images
-        raise TrainError(f'{root}: {e}; every class folder needs image files '
-                         f'(.jpg, .jpeg, .png, ...)') from None
-
-
-def first_classes(cfg, classes):
-    """The class names the run uses: all, or the first --num-classes (sorted order)."""
-    classes = list(classes)
-    if cfg.num_classes is not None and cfg.data != 'synthetic':
-        if not 1 <= cfg.num_classes <= len(classes):
-            raise TrainError(f'--num-classes {cfg.num_classes}: the data has {len(classes)} '
-                             f'classes; choose a number from 1 to {len(classes)}')
-        classes = classes[:cfg.num_classes]
-    return classes
+        raise TrainError(f'{root}: {e}; every class folder needs image files (.jpg, .png, ...)') from None
 
 
 def select(dataset, num_classes, fraction):
@@ -723,8 +682,7 @@ def select(dataset, num_classes, fraction):
         return dataset
     by_class = {}
     for i, t in enumerate(targets):
-        if t < num_classes:
-            by_class.setdefault(t, []).append(i)
+        by_class.setdefault(t, []).append(i) if t < num_classes else None
     keep = sorted(i for idx in by_class.values() for i in idx[:int(len(idx) * fraction)])
     subset = Subset(dataset, keep)
     subset.targets = [targets[i] for i in keep]
@@ -733,50 +691,38 @@ def select(dataset, num_classes, fraction):
 
 class RepeatAugSampler(Sampler):
     """Repeated augmentation (Hoffer et al.; DeiT's RASampler): an epoch holds len / repeats
-    distinct images, each `repeats` times (under its own augmentation each time). The images
-    are shuffled, each one's copies placed side by side, and position i of that list goes to
-    rank i % world: the copies of an image spread over the ranks, and the ranks' shares are
-    disjoint. Every rank sees len / world samples, as without repeats."""
+    distinct images, each `repeats` times (under its own augmentation each time). The images are
+    shuffled, each one's copies placed side by side, and position i of that list goes to rank
+    i % world: the copies of an image spread over the ranks, and the ranks' shares are disjoint.
+    Every rank sees len / world samples, as without repeats."""
 
     def __init__(self, n, world, rank, repeats=3, seed=0):
-        self.n, self.world, self.rank, self.repeats, self.seed = n, world, rank, repeats, seed
-        self.epoch = 0
+        self.n, self.world, self.rank, self.repeats, self.seed, self.epoch = n, world, rank, repeats, seed, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=g).repeat_interleave(self.repeats)
-        return iter(order[self.rank::self.world][:len(self)].tolist())
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter(order.repeat_interleave(self.repeats)[self.rank::self.world][:len(self)].tolist())
 
     def __len__(self):
         return self.n // self.world
 
 
-class ShardSampler(Sampler):
-    """Evaluation: rank r takes samples r, r + world, ...; nothing is padded or counted twice."""
-
-    def __init__(self, n, world, rank):
-        self.indices = list(range(rank, n, world))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
+def as_lists(batch):                        # --gpu-decode: the JPEG bytes stay a list
+    return tuple(zip(*batch))
 
 
 def build_loaders(cfg, train_set, val_set, rank, world, device):
-    if cfg.repeated_aug > 1:
-        sampler = RepeatAugSampler(len(train_set), world, rank, cfg.repeated_aug, cfg.seed)
-    else:
-        from torch.utils.data.distributed import DistributedSampler
-        sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    # workers restart every epoch and take their seeds from torch's generator, so a resumed run
-    # (which restores that generator) draws the same augmentations as an uninterrupted one
-    train = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True,
-                       **loader_options(cfg, device))
+    """Training: repeated augmentation or a shuffled shard per rank. Evaluation: rank r takes
+    samples r, r + world, ... (nothing padded, nothing twice: evaluate() sums exact counts).
+    Workers restart every epoch and take their seeds from torch's generator, so a resumed run
+    (which restores it) draws the same augmentations as an uninterrupted one."""
+    from torch.utils.data.distributed import DistributedSampler
+    sampler = (RepeatAugSampler(len(train_set), world, rank, cfg.repeated_aug, cfg.seed) if cfg.repeated_aug > 1
+               else DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True))
+    train = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, **loader_options(cfg, device))
     if len(train) == 0:
         raise TrainError(f'the training set has {len(train_set)} images, fewer than one batch per '
                          f'process ({cfg.batch_size} x {world} processes); lower --batch-size')
@@ -784,16 +730,14 @@ def build_loaders(cfg, train_set, val_set, rank, world, device):
 
 
 def build_val_loader(cfg, val_set, rank, world, device):
-    """Rank r evaluates samples r, r + world, ...: evaluate() sums the counts, exact."""
-    return DataLoader(val_set, cfg.batch_size, sampler=ShardSampler(len(val_set), world, rank),
+    return DataLoader(val_set, cfg.batch_size, sampler=range(rank, len(val_set), world),
                       **loader_options(cfg, device))
 
 
 def loader_options(cfg, device):
     workers = cfg.workers if cfg.workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
-    collate = (lambda batch: tuple(zip(*batch))) if cfg.gpu_decode else None   # bytes stay a list
-    return dict(num_workers=workers, pin_memory=device.type == 'cuda', collate_fn=collate,
-                persistent_workers=False)
+    return dict(num_workers=workers, pin_memory=device.type == 'cuda',
+                collate_fn=as_lists if cfg.gpu_decode else None)
 
 
 def build_batch_mix(cfg, num_classes):
@@ -810,39 +754,28 @@ def build_batch_mix(cfg, num_classes):
 # ==================================================================================================
 
 def model_overrides(cfg):
-    """The model flags that were set, as create_model overrides: the conv stem's, GPSA's and the
-    LFF's options go into their dicts ("24,48" -> (24, 48))."""
-    given = {k: getattr(cfg, k, None) for k in MODEL_FLAGS}
-    given = {k: v for k, v in given.items() if v is not None}
-    overrides, lff = {}, {}
-    for k in ('img_size', 'patch_size', 'drop_path', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio',
-              'local_up_to_layer', 'talking_heads'):
-        if k in given:
-            overrides[k] = given[k]
-    gpsa = {k: given[k] for k in ('locality_strength', 'local_init') if k in given}
-    if gpsa:
-        overrides['gpsa'] = gpsa
-    if 'stem_channels' in given or 'stem_strides' in given:
-        try:
-            stem = {k: tuple(int(v) for v in str(given[f'stem_{k}']).split(','))
-                    for k in ('channels', 'strides') if f'stem_{k}' in given}
-        except ValueError:
-            raise TrainError('--stem-channels and --stem-strides take integers separated by commas, '
-                             'e.g. 24,48,96,192') from None
-        overrides['conv_stem'] = stem
-    for flag, key in (('act', 'act'), ('channel_attn', 'channel_attn'), ('reduction', 'reduction'),
-                      ('lff_kernel', 'kernel_size')):
-        if flag in given:
-            lff[key] = given[flag]
-    if given.get('ffn') == 'mlp':
-        overrides['lff'] = None
-    elif given.get('ffn') == 'lff' or lff:
-        overrides['lff'] = lff
-    arch = locvit.model_name(getattr(cfg, 'arch', None) or 'deit_t')
-    has_lff = locvit.MODELS[arch][1].get('lff') is not None
-    if lff and not (has_lff or given.get('ffn') == 'lff'):
-        raise TrainError(f'--{", --".join(k for k in given if k in ("act", "channel_attn", "reduction", "lff_kernel"))} '
-                         f'set the locality feed-forward, which {arch} has not; add --ffn lff')
+    """The model flags that were set, as create_model overrides (MODEL_FLAGS: the conv stem's,
+    GPSA's and the LFF's options go into their dicts; "24,48" -> (24, 48))."""
+    overrides, arch = {}, locvit.model_name(getattr(cfg, 'arch', None) or 'deit_t')
+    for flag_name, where in MODEL_FLAGS.items():
+        value = getattr(cfg, flag_name, None)
+        if value is None:
+            continue
+        if flag_name.startswith('stem_'):
+            try:
+                value = tuple(int(v) for v in str(value).split(','))
+            except ValueError:
+                raise TrainError(f'--{flag_name.replace("_", "-")} takes integers separated by '
+                                 f'commas, e.g. 24,48,96,192; got {value!r}') from None
+        if flag_name == 'ffn':              # mlp: no LFF; lff: an LFF (the model's, or defaults)
+            overrides['lff'] = None if value == 'mlp' else {**(overrides.get('lff') or {})}
+        elif isinstance(where, tuple):
+            if where[0] == 'lff' and overrides.get('lff', locvit.MODELS[arch][1].get('lff')) is None:
+                raise TrainError(f'--{flag_name.replace("_", "-")} sets the locality feed-forward, '
+                                 f'which {arch} has not; add --ffn lff')
+            overrides.setdefault(where[0], {})[where[1]] = value
+        else:
+            overrides[where] = value
     unknown = [k for k in overrides if k not in locvit.model_options(arch)]
     if unknown:
         raise TrainError(f'{arch} has no option {", ".join(unknown)}')
@@ -872,7 +805,7 @@ class PatchDiversity(nn.Module):
 
     def forward(self, images, patch_labels=None, mask=None):
         tokens, layers = self.model.forward_features(images, return_layers=True)
-        grid, terms = self.model.grid, {}
+        grid = self.model.grid
         patches = lambda layer: locvit.patch_tokens(layer, grid)
         embed = patches(layers[0]) - self.model.pos_embed[:, -grid[0] * grid[1]:]   # the stem's output
         last, out = patches(layers[-1]), patches(tokens)     # before / after the final norm
@@ -893,16 +826,14 @@ def param_groups(model, weight_decay):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            skip = p.ndim <= 1 or name.split('.')[-1] in NO_DECAY
-            (no_decay if skip else decay).append(p)
+            (no_decay if p.ndim <= 1 or name.split('.')[-1] in NO_DECAY else decay).append(p)
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 
 
 def build_optimizer(cfg, model, global_batch):
-    lr = cfg.lr * global_batch / 512
-    groups = param_groups(model, cfg.weight_decay)
+    lr, groups = cfg.lr * global_batch / 512, param_groups(model, cfg.weight_decay)
     if cfg.opt == 'sgd':
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
@@ -915,27 +846,24 @@ def lr_at(step, total_steps, warmup_steps, base_lr, warmup_lr, min_lr):
 
 
 def autocast(amp, device):
-    if amp == 'off':
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
+    return torch.autocast(device.type, dtype=torch.float16 if amp == 'fp16' else torch.bfloat16,
+                          enabled=amp != 'off')
 
-
-# ==================================================================================================
-# The loop
-# ==================================================================================================
 
 class Schedule:
     """Where the run stands: the learning rate is a function of the optimizer step."""
 
     def __init__(self, cfg, steps_per_epoch, base_lr):
-        self.total = cfg.epochs * steps_per_epoch
-        self.warmup = int(cfg.warmup_epochs * steps_per_epoch)
-        self.base_lr, self.warmup_lr, self.min_lr = base_lr, cfg.warmup_lr, cfg.min_lr
-        self.step = 0
+        self.total, self.warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+        self.base_lr, self.warmup_lr, self.min_lr, self.step = base_lr, cfg.warmup_lr, cfg.min_lr, 0
 
     def lr(self):
         return lr_at(self.step, self.total, self.warmup, self.base_lr, self.warmup_lr, self.min_lr)
 
+
+# ==================================================================================================
+# The loop
+# ==================================================================================================
 
 def train_one_epoch(model, loader, optimizer, schedule, cfg, device, epoch, criterion,
                     batch_mix=None, scaler=None, ema=None, progress=None):
@@ -944,16 +872,14 @@ def train_one_epoch(model, loader, optimizer, schedule, cfg, device, epoch, crit
     model.train()
     base = unwrap(model)
     diverse = base.weights if isinstance(base, PatchDiversity) else {}
-    names = list(diverse)
-    sums = torch.zeros(2 + len(names), device=device)    # [loss, images, each term] (x images)
-    start, step_in_epoch = time.perf_counter(), 0
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    sums = torch.zeros(2 + len(diverse), device=device)  # [loss, images, each term] (x images)
+    start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(loader):
         if cfg.gpu_decode:                               # JPEG bytes -> augmented batch on device
-            images = device_batch(images, device, cfg, train=True)
-            targets = torch.tensor(targets)
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+            images, targets = device_batch(images, device, cfg, train=True), torch.tensor(targets)
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         patch_labels = mask = None
         if 'mix' in diverse or 'mix-region' in diverse:  # CutMix on the patch grid
             images, targets, patch_labels, mask = locvit.patch_cutmix(
@@ -962,60 +888,51 @@ def train_one_epoch(model, loader, optimizer, schedule, cfg, device, epoch, crit
         elif batch_mix is not None:
             images, targets = batch_mix(images, targets)
         last_micro = (i + 1) % cfg.accum == 0
-        sync = model.no_sync() if is_distributed() and not last_micro and hasattr(model, 'no_sync') \
-            else nullcontext()
-        with sync:
-            with autocast(cfg.amp, device):
-                if diverse:
-                    logits, terms = model(images, patch_labels, mask)
-                    loss = criterion(logits, targets) + sum(diverse[k] * terms[k] for k in names)
-                else:
-                    loss, terms = criterion(model(images), targets), {}
-            (scaler.scale(loss / cfg.accum) if scaler else loss / cfg.accum).backward()
+        with (model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last_micro
+              else nullcontext()), autocast(cfg.amp, device):
+            logits, terms = model(images, patch_labels, mask) if diverse else (model(images), {})
+            loss = criterion(logits, targets) + sum(diverse[k] * terms[k] for k in diverse)
+        scaler.scale(loss / cfg.accum).backward()
         n = torch.tensor(float(len(images)), device=device)
-        batch_loss = all_reduce_sum(torch.stack([loss.detach().float() * n, n] +
-                                                [terms[k].detach().float() * n for k in names]))
-        if not torch.isfinite(batch_loss[0]):
-            raise TrainError(f'the loss became {batch_loss[0].item()} at epoch {epoch + 1}, step '
-                             f'{schedule.step + 1}; {last_good_checkpoint(cfg)}; lower --lr, set '
-                             f'--clip-grad 1.0 or use --amp off')
-        sums += batch_loss
+        batch = all_reduce_sum(torch.stack([loss.detach().float() * n, n] +
+                                           [terms[k].detach().float() * n for k in diverse]))
+        if not torch.isfinite(batch[0]):
+            last = os.path.join(cfg.out, 'last.pt')
+            saved = (f'the last good checkpoint is {last} (epoch {torch.load(last, weights_only=True)["epoch"]})'
+                     if os.path.exists(last) else 'no checkpoint was written yet')
+            raise TrainError(f'the loss became {batch[0].item()} at epoch {epoch + 1}, step '
+                             f'{schedule.step + 1}; {saved}; lower --lr, set --clip-grad 1.0 or use --amp off')
+        sums += batch
         if not last_micro:
             continue
         for group in optimizer.param_groups:
             group['lr'] = schedule.lr()
         if cfg.clip_grad:
-            if scaler:
-                scaler.unscale_(optimizer)
+            scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update_parameters(published(model))
         schedule.step += 1
-        step_in_epoch += 1
         if progress is not None:
             progress.update(cfg.accum)
-            progress.set_postfix(loss=f'{batch_loss[0].item() / batch_loss[1].item():.3f}',
-                                 lr=f'{optimizer.param_groups[0]["lr"]:.2e}',
+            progress.set_postfix(loss=f'{batch[0].item() / batch[1].item():.3f}', lr=f'{group["lr"]:.2e}',
                                  img_s=f'{sums[1].item() / (time.perf_counter() - start):.0f}')
         if cfg.max_steps and schedule.step >= cfg.max_steps:
             break
     seconds = time.perf_counter() - start
     means = (sums / sums[1].clamp(min=1)).tolist()
-    return {'train_loss': means[0], **{f'loss_{k}': m for k, m in zip(names, means[2:])},
+    return {'train_loss': means[0], **{f'loss_{k}': m for k, m in zip(diverse, means[2:])},
             'img_per_s': sums[1].item() / seconds, 'epoch_seconds': seconds,
             'lr': optimizer.param_groups[0]['lr']}
 
 
 @torch.no_grad()
 def evaluate(model, loader, device, amp='off', cfg=None):
-    """Top-1, top-5, loss and image count, summed exactly over the ranks. (cfg: for the GPU
-    decoding path, which hands over JPEG bytes.)"""
+    """Top-1, top-5, loss and image count, summed exactly over the ranks. (cfg: for --gpu-decode,
+    whose loader hands over JPEG bytes.)"""
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)   # correct1, correct5, loss, count
     for images, targets in loader:
@@ -1024,13 +941,11 @@ def evaluate(model, loader, device, amp='off', cfg=None):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast(amp, device):
             logits = model(images)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == targets[:, None]
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
         sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
                              F.cross_entropy(logits.float(), targets, reduction='sum'),
                              torch.tensor(len(targets), device=device)]).double()
-    all_reduce_sum(sums)
-    c1, c5, loss, n = sums.tolist()
+    c1, c5, loss, n = all_reduce_sum(sums).tolist()
     return {'top1': 100 * c1 / max(n, 1), 'top5': 100 * c5 / max(n, 1), 'loss': loss / max(n, 1),
             'count': int(n)}
 
@@ -1053,27 +968,17 @@ def published(model):
 
 
 def save_checkpoint(path, state):
-    tmp = f'{path}.tmp'
-    torch.save(state, tmp)
-    os.replace(tmp, path)                    # a reader sees the old file or the new one, never half
-
-
-def last_good_checkpoint(cfg):
-    path = os.path.join(cfg.out, 'last.pt')
-    if not os.path.exists(path):
-        return 'no checkpoint was written yet'
-    epoch = torch.load(path, map_location='cpu', weights_only=True)['epoch']
-    return f'the last good checkpoint is {path} (epoch {epoch})'
+    torch.save(state, f'{path}.tmp')
+    os.replace(f'{path}.tmp', path)         # a reader sees the old file or the new one, never half
 
 
 def rng_states():
     """Every rank's random generators (gathered on all ranks): a resumed run draws the same."""
     state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
              'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    if not is_distributed():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
+    states = [state] * (dist.get_world_size() if is_distributed() else 1)
+    if is_distributed():
+        dist.all_gather_object(states, state)
     return states
 
 
@@ -1085,9 +990,8 @@ def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, best, 
             'patch_head': wrapper.patch_head.state_dict() if hasattr(wrapper, 'patch_head') else None,
             'ema': ema.module.state_dict() if ema is not None else None,
             'ema_updates': int(ema.n_averaged) if ema is not None else 0,
-            'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict() if scaler else None,
-            'epoch': epoch, 'step': schedule.step, 'base_lr': schedule.base_lr, 'best_top1': best,
-            'rng': rng}
+            'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch,
+            'step': schedule.step, 'base_lr': schedule.base_lr, 'best_top1': best, 'rng': rng}
 
 
 def resume_from(cfg, model, optimizer, schedule, scaler, ema, classes, rank):
@@ -1104,11 +1008,10 @@ def resume_from(cfg, model, optimizer, schedule, scaler, ema, classes, rank):
                          f'classes, this run is {cfg.arch} on {len(classes)}; use another --out '
                          f'or the same --arch and data')
     locvit.load_checkpoint(published(model), state)
-    if hasattr(unwrap(model), 'patch_head') and state.get('patch_head'):
+    if state.get('patch_head'):
         unwrap(model).patch_head.load_state_dict(state['patch_head'])
     optimizer.load_state_dict(state['optimizer'])
-    if scaler and state.get('scaler'):
-        scaler.load_state_dict(state['scaler'])
+    scaler.load_state_dict(state['scaler'])
     if ema is not None and state.get('ema') is not None:
         ema.module.load_state_dict(state['ema'])
         ema.n_averaged.fill_(state['ema_updates'])     # else the next update restarts the average
@@ -1126,8 +1029,7 @@ def resume_from(cfg, model, optimizer, schedule, scaler, ema, classes, rank):
 # ==================================================================================================
 
 def describe_recipe(cfg):
-    aug = ('AutoAugment' if cfg.autoaugment else f'RandAugment {cfg.randaug}' if cfg.randaug != 'off'
-           else 'no RandAugment')
+    aug = 'AutoAugment' if cfg.autoaugment else f'RandAugment {cfg.randaug}'
     return (f'recipe {cfg.recipe} (as {cfg.data} data sets it): {cfg.opt}, lr {cfg.lr:g} per 512 '
             f'images, weight decay {cfg.weight_decay:g}, {cfg.epochs} epochs ({cfg.warmup_epochs:g} '
             f'warm-up), cosine to {cfg.min_lr:g}, smoothing {cfg.smoothing:g}, mixup {cfg.mixup:g} / '
@@ -1152,22 +1054,19 @@ def main(argv=None):
     global_batch = cfg.batch_size * world * cfg.accum
     optimizer = build_optimizer(cfg, model, global_batch)
     schedule = Schedule(cfg, len(train_loader) // cfg.accum, optimizer.param_groups[0]['lr'])
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == 'fp16' else None
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
     ema = None
     if cfg.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(published(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
-                            use_buffers=True)
-    start_epoch, best = 0, 0.0
-    if cfg.resume:
-        start_epoch, best = resume_from(cfg, model, optimizer, schedule, scaler, ema, classes, rank)
+        ema = AveragedModel(published(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    start_epoch, best = resume_from(cfg, model, optimizer, schedule, scaler, ema, classes, rank) \
+        if cfg.resume else (0, 0.0)
     if cfg.compile:
         model = torch.compile(model)
     if is_distributed():
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
     batch_mix = build_batch_mix(cfg, len(classes))
-
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, 'config.json'), 'w') as f:
@@ -1188,24 +1087,19 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats(device)
         stats = train_one_epoch(model, train_loader, optimizer, schedule, cfg, device, epoch,
                                 criterion, batch_mix, scaler, ema, bar)
-        if bar is not None:
-            bar.close()
+        bar is not None and bar.close()
         sync_buffers(published(model), *([ema.module] if ema is not None else []))
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            stats.update({f'val_{k}': v for k, v in
-                          evaluate(published(model), val_loader, device, cfg.amp, cfg).items()})
-            if ema is not None:
-                stats.update({f'ema_{k}': v for k, v in
-                              evaluate(ema.module, val_loader, device, cfg.amp, cfg).items()})
-        stats['peak_mem_mb'] = (torch.cuda.max_memory_allocated(device) if device.type == 'cuda'
-                                else peak_rss()) / 2 ** 20
+            for prefix, net in [('val', published(model))] + ([('ema', ema.module)] if ema else []):
+                stats.update({f'{prefix}_{k}': v for k, v in evaluate(net, val_loader, device, cfg.amp, cfg).items()})
+        import resource
+        stats['peak_mem_mb'] = (torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else
+                                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
         top1 = stats.get('val_top1', -1.0)
-        is_best = top1 > best
-        best = max(best, top1)
+        is_best, best = top1 > best, max(best, top1)
         rng = rng_states()
         if rank == 0:
-            state = checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch + 1, best,
-                                     classes, rng)
+            state = checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch + 1, best, classes, rng)
             save_checkpoint(os.path.join(cfg.out, 'last.pt'), state)
             if is_best:
                 save_checkpoint(os.path.join(cfg.out, 'best.pt'), state)
@@ -1217,17 +1111,12 @@ def main(argv=None):
             f'lr {stats["lr"]:.2e}  {stats["img_per_s"]:.0f} img/s  {stats["epoch_seconds"]:.0f} s')
         if cfg.max_steps and schedule.step >= cfg.max_steps:
             break
-    minutes = (time.perf_counter() - total_start) / 60
     log(f'done: best val top-1 {best:.2f}% ({len(classes)} classes, chance {100 / len(classes):.1f}%), '
-        f'{minutes:.1f} min; checkpoints in {cfg.out}/ (last.pt, best.pt), log in {cfg.out}/log.jsonl')
+        f'{(time.perf_counter() - total_start) / 60:.1f} min; checkpoints in {cfg.out}/ (last.pt, '
+        f'best.pt), log in {cfg.out}/log.jsonl')
     if is_distributed():
         dist.destroy_process_group()
     return best
-
-
-def peak_rss():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_cli(main_fn, argv=None):
@@ -1237,11 +1126,9 @@ def run_cli(main_fn, argv=None):
     except (TrainError, ValueError, UnreadableImage) as e:
         if os.environ.get('LOCVIT_DEBUG'):
             raise
-        message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        message = message.split('UnreadableImage: ')[-1]
-        rank = os.environ.get('RANK')
-        print(f'error{f" (rank {rank})" if rank and os.environ.get("WORLD_SIZE", "1") != "1" else ""}: '
-              f'{message}', file=sys.stderr)
+        message = (str(e).strip().splitlines() or [type(e).__name__])[-1].split('UnreadableImage: ')[-1]
+        rank = os.environ.get('RANK') if os.environ.get('WORLD_SIZE', '1') != '1' else None
+        print(f'error{f" (rank {rank})" if rank else ""}: {message}', file=sys.stderr)
         sys.exit(2)
 
 
