@@ -5,13 +5,10 @@
   python evaluate.py --arch convit_s --pretrained --data folder --data-path /imagenet  # released weights
   torchrun --standalone --nproc_per_node=2 evaluate.py --checkpoint ...   # the same on 2 processes
   python evaluate.py --checkpoint runs/convit_t-synthetic/best.pt --analyze   # table, JSON, pictures
-  python evaluate.py --arch convit_t --analyze                            # the convolutional init
   python evaluate.py --curves runs/a/log.jsonl runs/b/log.jsonl           # training curves of runs
   python evaluate.py --benchmark deit_t convit_t localvit_t               # speed and memory
-  python evaluate.py --zoo                                                # params / MACs of every model
-
-Sections, top to bottom: 1 loading, 2 accuracy, 3 analysis, 4 pictures, 5 benchmark, 6 main.
-"""
+  python evaluate.py --zoo                           # params / MACs of every model
+Sections, top to bottom: 1 loading, 2 accuracy, 3 analysis, 4 pictures, 5 benchmark, 6 main."""
 import argparse
 import copy
 import dataclasses
@@ -596,8 +593,7 @@ def benchmark_table(names, args, argv=None):
                'max_memory_allocated)' if device.type == 'cuda' else 'peak RSS, one process per model)')]
     head = '| model | params (M) | GMACs | forward img/s | train img/s | peak MB | train TFLOP/s |'
     rule = '|---|---:|---:|---:|---:|---:|---:|'
-    if args.peak_tflops:
-        head, rule = head + f' MFU (of {args.peak_tflops:g}) |', rule + '---:|'
+    head, rule = (head + f' MFU (of {args.peak_tflops:g}) |', rule + '---:|') if args.peak_tflops else (head, rule)
     if timm_version:
         head += (' timm model | timm forward img/s | timm train img/s | timm peak MB | forward ours/timm | '
                  'train ours/timm | memory ours/timm |')
@@ -615,8 +611,8 @@ def benchmark_table(names, args, argv=None):
         errors += [f'{r["model"]}: {r["error"]}' for r in (ours, theirs) if r and 'error' in r]
         flops = 0 if 'error' in ours else 6 * ours['macs'] * ours['train'] / 1e12  # fwd + bwd ~ 3 fwd
         cells = [f'`{ours["model"]}`'] + (['failed'] + ['–'] * 5 if 'error' in ours else [
-            f'{ours["params"] / 1e6:.2f}', f'{ours["macs"] / 1e9:.3f}', *numbers(ours), f'{flops:.3g}'])
-        cells += [f'{flops / args.peak_tflops:.1%}'] if args.peak_tflops else []
+            f'{ours["params"] / 1e6:.2f}', f'{ours["macs"] / 1e9:.3f}', *numbers(ours), f'{flops:.3g}']
+        ) + ([f'{flops / args.peak_tflops:.1%}'] if args.peak_tflops else [])
         if timm_version:
             cells += ['–' if theirs is None else f'`{theirs["model"][5:]}`'] + (numbers(theirs) + [
                 f'{ours["ratio"][k]:.2f}' for k in ('forward', 'train', 'peak_mb')] if 'ratio' in ours else ['–'] * 6)
@@ -661,8 +657,7 @@ def build_parser():
     g.add_argument('--rounds', type=int, default=1, metavar='R', help='measure every model and its timm twin '
                    'R times in turn; report the medians (default: 1)')
     g.add_argument('--threads', type=int, metavar='T', help="CPU threads (default: torch's)")
-    g.add_argument('--peak-tflops', type=float, metavar='P', help="the device's peak (e.g. 989 for an "
-                   'H100/H200 in bf16): adds model FLOP utilisation (default: none)')
+    g.add_argument('--peak-tflops', type=float, metavar='P', help="the device's peak TFLOP/s (989: H100/H200, bf16): adds MFU")
     g.add_argument('--timm', action=argparse.BooleanOptionalAction, default=True, help="vs. timm's twins (default: on)")
     g.add_argument('--zoo', action='store_true', help='parameters and MACs of every model')
     return p

@@ -655,20 +655,14 @@ def patch_contrastive_loss_released(embed, out, grid, window=7):
 
 def patch_cutmix(images, labels, num_classes, grid, patch_size, alpha=1.0, generator=None,
                  return_mask=False):
-    """CutMix with the box on the patch grid, so that every patch comes from one image.
-
-    λ ~ Beta(α, α); the box spans round(sqrt(1-λ) h) x round(sqrt(1-λ) w) patches (a fraction
-    ≈ 1 - λ of the grid), placed uniformly at random inside the grid (not clipped, so its area is
-    the one drawn). One box for the batch; image b receives it from image b - 1 (the batch
-    rolled by one, as torchvision's CutMix). images (B, C, h*P, w*P), labels (B,) class indices.
-    Returns
-      mixed         (B, C, H, W)
-      target        (B, num_classes): (1 - a) onehot(y_b) + a onehot(y_{b-1}), a = the exact
-                    pasted fraction of the grid (after rounding to whole patches)
-      patch_labels  (B, h*w) long: the label of the image each patch came from (row-major)
-      mask          (h*w,) bool, True inside the box; only with return_mask=True
-    A conv-stem model's patch_size is its total stride (model.patch_size). The draws come from
-    `generator` (a CPU torch.Generator) or torch's global one. Needs torch and einops."""
+    """CutMix with the box on the patch grid, so that every patch comes from one image: λ ~ Beta(α,
+    α), a box of round(sqrt(1-λ) h) x round(sqrt(1-λ) w) patches placed uniformly inside the grid;
+    one box for the batch, image b receives it from image b - 1 (as torchvision's CutMix).
+    images (B, C, h*P, w*P) (P: model.patch_size, a conv stem's total stride), labels (B,). ->
+      mixed (B, C, H, W); target (B, num_classes) = (1 - a) onehot(y_b) + a onehot(y_{b-1}) with a
+      the pasted fraction of the grid; patch_labels (B, h*w): the label of each patch's image;
+      mask (h*w,) bool, True inside the box (only with return_mask=True).
+    The draws come from `generator` or torch's global one. Needs torch and einops."""
     h, w = grid
     p = patch_size
     if images.ndim != 4 or tuple(images.shape[-2:]) != (h * p, w * p):
@@ -758,6 +752,17 @@ class Backbone(nn.Module):
     forward_head = VisionTransformer.forward_head
     forward = VisionTransformer.forward
 
+    def __init__(self, img_size, in_chans, num_classes):
+        super().__init__()
+        self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
+
+    def finish(self, dim, eps, *tables):
+        """The final norm and the head, then DeiT's init; the learned tables trunc_normal(.02)."""
+        self.norm, self.head = nn.LayerNorm(dim, eps=eps), nn.Linear(dim, self.num_classes)
+        self.apply(init_deit)
+        for t in tables:
+            nn.init.trunc_normal_(t, std=0.02)
+
     def pos_embed_grids(self):
         return {}
 
@@ -831,8 +836,7 @@ class PVT(Backbone):
     def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000,
                  embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
                  depths=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1), qkv_bias=True, drop_path=0.0, lff=None):
-        super().__init__()
-        self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
+        super().__init__(img_size, in_chans, num_classes)
         total = patch_size * 2 ** (len(depths) - 1)
         if any(s % total for s in self.img_size):
             raise ValueError(f'PVT needs an image size divisible by {total} (patch_size x 2 per '
@@ -847,11 +851,7 @@ class PVT(Backbone):
             self.stages.append(PVTStage(
                 embed_dims[i - 1] if i else in_chans, dim, 2 if i else patch_size,
                 last + h * w, num_heads[i], mlp_ratios[i], sr_ratios[i], qkv_bias, drop_paths, lff))
-        self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)
-        self.head = nn.Linear(embed_dims[-1], num_classes)
-        self.apply(init_deit)
-        for t in [self.cls_token] + [stage.pos_embed for stage in self.stages]:
-            nn.init.trunc_normal_(t, std=0.02)
+        self.finish(embed_dims[-1], 1e-6, self.cls_token, *[stage.pos_embed for stage in self.stages])
 
     def stage_grid(self, i):
         """Stage i's grid: 2^(stages - 1 - i) x the final one."""
@@ -973,8 +973,7 @@ class Swin(Backbone):
     def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96,
                  depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4.0,
                  qkv_bias=True, drop_path=0.0, lff=None):
-        super().__init__()
-        self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
+        super().__init__(img_size, in_chans, num_classes)
         if any(s % patch_size for s in self.img_size):
             raise ValueError(f'img_size {self.img_size} is not divisible by patch_size '
                              f'{patch_size}')
@@ -987,13 +986,9 @@ class Swin(Backbone):
             self.stages.append(SwinStage(embed_dim * 2 ** i, grid, num_heads[i], window_size,
                                          mlp_ratio, qkv_bias, drop_paths, lff, downsample=not last))
             grid = grid if last else ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
-        self.grid, dim = grid, embed_dim * 2 ** (len(depths) - 1)
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
-        self.apply(init_deit)
-        for m in self.modules():
-            if isinstance(m, WindowAttention):
-                nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+        self.grid = grid
+        self.finish(embed_dim * 2 ** (len(depths) - 1), 1e-5, *[
+            m.relative_position_bias_table for m in self.modules() if isinstance(m, WindowAttention)])
 
     def forward_features(self, x, return_layers=False):
         """Tokens after the final norm (B, h*w, C), no class token; with return_layers, also the
@@ -1042,8 +1037,7 @@ class TNT(Backbone):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=192,
                  in_dim=12, depth=12, num_heads=3, in_num_heads=3, mlp_ratio=4.0, qkv_bias=False,
                  first_stride=4, drop_path=0.0, lff=None):
-        super().__init__()
-        self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
+        super().__init__(img_size, in_chans, num_classes)
         if any(s % patch_size for s in self.img_size) or patch_size % first_stride:
             raise ValueError(f'TNT needs img_size {self.img_size} divisible by patch_size '
                              f'{patch_size}, and patch_size by first_stride {first_stride}')
@@ -1059,11 +1053,7 @@ class TNT(Backbone):
         self.blocks = nn.ModuleList([
             TNTBlock(embed_dim, in_dim, p * p, num_heads, in_num_heads, mlp_ratio, qkv_bias, dp, lff)
             for dp in torch.linspace(0, drop_path, depth).tolist()])
-        self.norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes)
-        self.apply(init_deit)
-        for t in (self.cls_token, self.patch_pos, self.pixel_pos):
-            nn.init.trunc_normal_(t, std=0.02)
+        self.finish(embed_dim, 1e-5, self.cls_token, self.patch_pos, self.pixel_pos)
 
     def pos_embed_grids(self):                  # pixel_pos does not depend on the image size
         return {'patch_pos': (1, self.grid)}
@@ -1161,8 +1151,7 @@ class TokensToToken(nn.Module):
 class T2TViT(Backbone):
     def __init__(self, img_size=224, in_chans=3, num_classes=1000, embed_dim=256, depth=7,
                  num_heads=4, mlp_ratio=2.0, token_dim=64, qkv_bias=False, drop_path=0.0, lff=None):
-        super().__init__()
-        self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
+        super().__init__(img_size, in_chans, num_classes)
         self.grid = self.img_size
         for kernel, stride, padding in SOFT_SPLITS:          # the grid after the soft splits
             self.grid = tuple((s + 2 * padding - kernel) // stride + 1 for s in self.grid)
@@ -1174,10 +1163,7 @@ class T2TViT(Backbone):
             Block(embed_dim, Attention(embed_dim, num_heads, qkv_bias),
                   feed_forward(embed_dim, mlp_ratio, lff), dp, eps=1e-5)
             for dp in torch.linspace(0, drop_path, depth).tolist()])
-        self.norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes)
-        self.apply(init_deit)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.finish(embed_dim, 1e-5, self.cls_token)
 
     def forward_features(self, x, return_layers=False):
         """Tokens after the final norm (B, 1 + h*w, C), class token first; with return_layers,
@@ -1306,23 +1292,20 @@ def create_model(name, pretrained=False, **overrides):
 
 
 def read_checkpoint(path):
-    """torch.load with weights_only=True and a clear message for a missing or corrupt file."""
+    """torch.load with weights_only=True (tensors and plain data only; DeiT-style training
+    checkpoints also hold their argparse.Namespace) and one clear line for a missing, corrupt or
+    unsafe file."""
+    import argparse
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f'checkpoint {path!r} not found; check the path')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
-        if found is None:
-            error = f'unreadable (truncated or corrupt?): {str(e).splitlines()[-1][:80]}'
-        elif found.group(1) != 'argparse.Namespace':
-            error = (f'refused: it holds a {found.group(1)} object, and only tensors and plain '
-                     f'data are loaded (for safety)')
-        else:                                   # DeiT-style training checkpoints store their args
-            import argparse
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                return torch.load(path, map_location='cpu', weights_only=True)
+        error = (f'refused: it holds a {found[1]} object, and only tensors and plain data are loaded '
+                 f'(for safety)' if found else f'unreadable (truncated or corrupt?): {str(e).splitlines()[-1][:80]}')
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         error = f'unreadable (truncated or corrupt?): {str(e).splitlines()[0][:80]}'
     raise ValueError(f'checkpoint {path!r} is {error}; re-download or re-save it')
@@ -1447,10 +1430,6 @@ def resize_pos_embed(pos, n_prefix, new_grid, old_grid=None):
     return torch.cat([prefix, img2seq(grid).to(pos.dtype)], dim=1)
 
 
-KINDS = {'attn.gating_param': 'GPSA blocks (ConViT)', '.lff.': 'a locality FFN (LocalViT)',
-         'patch_embed.convs.': 'a conv stem (ViT_C)'}
-
-
 def load_checkpoint(model, checkpoint, weights='model', skip_head=False, strict=True):
     """Load a path or a loaded checkpoint into `model`, in any format above.
 
@@ -1481,7 +1460,9 @@ def load_checkpoint(model, checkpoint, weights='model', skip_head=False, strict=
             sd[key] = own[key]
     wrong = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     if (missing or unexpected) and strict or wrong:
-        kind = lambda d: ', '.join([v for k, v in KINDS.items() if any(k in key for key in d)] or
+        kinds = {'attn.gating_param': 'GPSA blocks (ConViT)', '.lff.': 'a locality FFN (LocalViT)',
+                 'patch_embed.convs.': 'a conv stem (ViT_C)'}
+        kind = lambda d: ', '.join([v for k, v in kinds.items() if any(k in key for key in d)] or
                                    ['plain ViT blocks'])
         detail = '; '.join(f'{label} {len(keys)} (e.g. {", ".join(keys[:3])})' for label, keys in
                            [('missing', missing), ('unexpected', unexpected),

@@ -83,7 +83,7 @@ def test_another_resolution_interpolates_the_position_embedding():
     new = locvit.seq2img(model.pos_embed.detach(), (12, 12))
     assert (new[..., 0, 0] - old[..., 0, 0]).abs().max() < 0.5 * old.abs().max()
     y = model.eval()(torch.randn(2, 3, 48, 48))
-    assert torch.isfinite(y).all() and model.blocks[0].attn.rel_indices.shape == (144, 144, 3)
+    assert torch.isfinite(y).all() and model.blocks[0].attn.positional_attention(model.grid).shape == (4, 144, 144)
     # DeiT keeps its class slot in front
     fx, _ = fixture_model('deit')
     deit = locvit.create_model('deit_t', num_classes=10, img_size=(32, 48), patch_size=4,

@@ -1,45 +1,54 @@
 #!/usr/bin/env bash
-# The tutorials' pictures from the runs of experiments.sh (run that first), with the project's own
-# evaluate.py: --analyze (kernels, gates, attention maps, per-layer curves) and --curves.
+# The tutorials' pictures and analyses, from the runs of experiments.sh (run that first), with the
+# project's own evaluate.py: --analyze (kernels, gates, attention maps, per-layer curves; and the
+# numbers tutorials/results.py reads) and --curves.
 # Usage: bash tutorials/figures.sh   (writes runs/tutorials/analysis-*/ and tutorials/figures/*.png)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=runs/tutorials
 FIG=tutorials/figures
 mkdir -p "$FIG"
-TUTORIAL_CONVIT=(--arch convit_t --depth 6 --local-up-to-layer 5 --embed-dim 96)
+analyze() {  # analyze RUN: evaluate.py --analyze of the run's last checkpoint (the final epoch)
+  python evaluate.py --checkpoint "$RUNS/$1/last.pt" --analyze --out "$RUNS/analysis-$1" > "$RUNS/analysis-$1.txt"
+}
 
-# 01 ConViT: the positional "kernels" at init and after training, the gates, an attention map
-python evaluate.py "${TUTORIAL_CONVIT[@]}" --analyze --out "$RUNS/analysis-convit-init"
+# 01 ConViT: the positional "kernels" at init (no checkpoint: the initial weights) and after
+# training (seed 0), every seed's gates and nonlocality, an attention map
+python evaluate.py --arch convit_t --depth 6 --local-up-to-layer 5 --embed-dim 96 --analyze \
+    --out "$RUNS/analysis-convit-init" > "$RUNS/analysis-convit-init.txt"
 cp "$RUNS/analysis-convit-init/kernels.png" "$FIG/convit_kernels_init.png"
-python evaluate.py --checkpoint "$RUNS/frac1.0_convit/best.pt" --analyze --out "$RUNS/analysis-convit"
-cp "$RUNS/analysis-convit/kernels.png" "$FIG/convit_kernels_trained.png"
-cp "$RUNS/analysis-convit/layers.png" "$FIG/convit_layers_trained.png"
-cp "$RUNS/analysis-convit/attention.png" "$FIG/convit_attention_trained.png"
+for seed in 0 1 2; do analyze "frac1.0_convit_s$seed"; done
+cp "$RUNS/analysis-frac1.0_convit_s0/kernels.png" "$FIG/convit_kernels_trained.png"
+cp "$RUNS/analysis-frac1.0_convit_s0/layers.png" "$FIG/convit_layers_trained.png"
+cp "$RUNS/analysis-frac1.0_convit_s0/attention.png" "$FIG/convit_attention_trained.png"
 
-# 01/02 training curves on all the data; 03 the stems with AdamW and SGD
-python evaluate.py --curves "$RUNS"/frac1.0_{deit,convit,localvit}/log.jsonl --out "$RUNS/curves-models"
+# 01/02 training curves on all the data (seed 0); 03 the stems at their best learning rates
+python evaluate.py --curves "$RUNS"/{frac1.0_deit_s0,frac1.0_convit_s0,localvit_s0,localvit_k1_s0}/log.jsonl \
+    --out "$RUNS/curves-models"
 cp "$RUNS/curves-models/curves.png" "$FIG/curves_deit_convit_localvit.png"
-python evaluate.py --curves "$RUNS"/vit_{p,c}_{adamw,sgd}/log.jsonl --out "$RUNS/curves-stems"
+logs=()
+for pick in $(python tutorials/results.py --best-stems); do
+  m=${pick%%_*}; rest=${pick#*_}; logs+=("$RUNS/vit_${m}_${rest%%:*}_lr${pick##*:}_s0/log.jsonl")
+done
+python evaluate.py --curves "${logs[@]}" --out "$RUNS/curves-stems"
 cp "$RUNS/curves-stems/curves.png" "$FIG/curves_stems.png"
 
-# 04/05 over-smoothing: the patch similarity per layer, with and without the diversity losses
-for run in deit_cutmix deit_diverse combo combo_cutmix combo_diverse; do
-  python evaluate.py --checkpoint "$RUNS/$run/best.pt" --analyze --out "$RUNS/analysis-$run" > "$RUNS/analysis-$run.txt"
-done
+# 04 over-smoothing: the patch similarity per layer of every seed, with and without the losses
+for seed in 0 1 2; do analyze "deep_s$seed"; analyze "deep_diverse_s$seed"; done
 python - <<'PY'
 import json
 import evaluate
-runs = 'runs/tutorials'
-series = []
-for name, label in [('deit_cutmix', 'DeiT, CutMix'), ('deit_diverse', 'DeiT, CutMix + cos, con, mix'),
-                    ('combo', 'combination'), ('combo_cutmix', 'combination, CutMix'),
-                    ('combo_diverse', 'combination, CutMix + cos, con, mix')]:
-    sim = json.load(open(f'{runs}/analysis-{name}/analysis.json'))['patch_similarity']
-    series.append({'x': list(range(len(sim))), 'y': sim, 'label': label,
-                   'style': 'dashed' if 'combo' in name else 'line'})
-chart = evaluate.line_chart(series, 'Patch similarity per layer (over-smoothing)', 'layer (0 = embedding)',
-                            'mean |cosine| between patches', size=(520, 320), ylim=(0, 1))
-chart.save('tutorials/figures/oversmoothing.png', optimize=True)
-print('saved tutorials/figures/oversmoothing.png')
+fig = evaluate.figure(8, 4.5, 'Patch similarity per layer: 12 blocks of width 64 (3 seeds each)')
+ax = fig.add_subplot()
+for run, label, colour in (('deep', 'CutMix', 'tab:blue'), ('deep_diverse', 'CutMix + cos + con + mix', 'tab:red')):
+    curves = [json.load(open(f'runs/tutorials/analysis-{run}_s{s}/analysis.json'))['patch_similarity'] for s in range(3)]
+    layers = range(len(curves[0]))
+    for k, c in enumerate(curves):
+        ax.plot(layers, c, color=colour, alpha=0.8, label=label if k == 0 else None)
+ax.set(xlabel='layer (0 = the embedding, l = block l)', ylabel='mean |cosine| between patches', ylim=(0, 1))
+ax.grid(alpha=0.3)
+ax.legend()
+evaluate.save_png(fig, 'tutorials/figures/oversmoothing.png')
 PY
+python tutorials/results.py > "$RUNS/results.md"
+echo "pictures in $FIG/, tables in $RUNS/results.md"
