@@ -426,3 +426,19 @@ def test_diverse_flag_errors(capsys, tmp_path):
     assert 'malformed weight' in cli_error(['--diverse', 'cos=x', '--out', str(tmp_path)], capsys)
     err = cli_error(['--diverse', 'mix', '--mixup', '0.8', '--out', str(tmp_path)], capsys)
     assert 'add --mixup 0' in err
+
+
+def test_finetune_loads_the_weights_resizes_and_gives_a_new_classifier(tmp_path, capsys):
+    """DeiT's fine-tuning: --finetune PATH (or a URL, or 'pretrained') loads the weights into the
+    model at --img-size, position embeddings resized, a new classifier for another class count."""
+    source = locvit.create_model('deit_t', img_size=32, patch_size=4, depth=2, embed_dim=48,
+                                 num_heads=3, num_classes=10)
+    torch.save({'model': source.state_dict()}, tmp_path / 'released.pth')
+    cfg = train.parse_config(['--arch', 'deit_t', '--depth', '2', '--embed-dim', '48', '--num-heads', '3',
+                              '--finetune', str(tmp_path / 'released.pth'), '--img-size', '48',
+                              '--patch-size', '4', '--num-classes', '5'])
+    model = train.build_model(cfg, 5)
+    assert 'classify 10 classes; a new classifier for 5' in capsys.readouterr().out
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+    assert model.pos_embed.shape == (1, 1 + 12 * 12, 48) and model.head.out_features == 5
+    assert train.parse_config(['--finetune', 'pretrained', '--data', 'cifar10']).img_size == 224
