@@ -5,7 +5,7 @@
 # (6 blocks of width 96) must clearly learn (lr 8e-3 per 512 images, tuned for it: 47 % at seed 0,
 # 40 % at 4e-3, 33 % at 1.6e-2, chance at 3.2e-2; chance is 10 %), and a run must take minutes.
 # Every claim's comparison has 3 seeds (0, 1, 2).
-# Usage: bash tutorials/experiments.sh [group ...]   groups: fractions localvit stems oversmoothing
+# Usage: bash tutorials/experiments.sh [group ...]   groups: fractions localvit stems oversmoothing combined
 #        (no group: all; a finished run is skipped; results in runs/tutorials/<run>/log.jsonl)
 #        python tutorials/results.py                  # the tables, from the logs
 set -euo pipefail
@@ -41,9 +41,18 @@ for seed in 0 1 2; do
   # 04 Over-smoothing: a deeper DeiT (12 blocks of width 64, 2 heads), CutMix, with and without
   # the three patch-diversity losses
   if want oversmoothing; then
-    DEEP="--arch deit_t --depth 12 --embed-dim 64 --num-heads 2 --lr 8e-3 --cutmix 1.0"
-    add "deep_s$seed" "$DEEP --seed $seed"
-    add "deep_diverse_s$seed" "$DEEP --diverse cos=1,con=1,mix=1 --seed $seed"
+    DEEP="--arch deit_t --depth 12 --embed-dim 64 --num-heads 2 --cutmix 1.0"
+    add "deep_s$seed" "$DEEP --lr 8e-3 --seed $seed"
+    add "deep_diverse_s$seed" "$DEEP --lr 8e-3 --diverse cos=1,con=1,mix=1 --seed $seed"
+    if [ $seed = 0 ]; then         # the same at half the learning rate (one seed: a sensitivity check)
+      add "deep_lr4e-3_s0" "$DEEP --lr 4e-3 --seed 0"
+      add "deep_diverse_lr4e-3_s0" "$DEEP --lr 4e-3 --diverse cos=1,con=1,mix=1 --seed 0"
+    fi
+  fi
+  # 05 Combining: ConViT's GPSA, a conv stem and LocalViT's LFF in one model (none of the papers
+  # built it), against LocalViT alone (localvit) and DeiT (frac1.0_deit)
+  if want combined; then
+    add "combo_s$seed" "$CONVIT --stem-channels 12,24,48 --stem-strides 2,2,1 --ffn lff --seed $seed"
   fi
 done
 # 03 Early convolutions: ViT_P (6 blocks, MLP 3x) against ViT_C (a conv stem scaled to the width,

@@ -140,7 +140,16 @@ def oversmoothing():
                       '|---|---|---|', f'| without the losses | {cell(plain)} | {fmt(sim_plain)} |',
                       f'| with cos + con + mix | {cell(diverse)} | {fmt(sim_diverse)} |', '',
                       f'- the losses lower the last layer\'s patch similarity: {verdict([-v for v in sim_diverse], [-v for v in sim_plain])}',
-                      f'- the losses raise accuracy: {verdict(diverse, plain)}'])
+                      f'- the losses raise accuracy: {verdict(diverse, plain)}',
+                      f'- at half the learning rate (4e-3, seed 0): without {final("deep_lr4e-3_s0")}, with '
+                      f'{final("deep_diverse_lr4e-3_s0")}'])
+
+
+def combined():
+    combo, lff, deit = seeds('combo'), seeds('localvit'), seeds('frac1.0_deit')
+    return '\n'.join(['| model (6 blocks of width 96) | top-1 (%) |', '|---|---|', f'| DeiT | {cell(deit)} |',
+                      f'| LocalViT (LFF) | {cell(lff)} |', f'| conv stem + GPSA (5 blocks) + LFF | {cell(combo)} |', '',
+                      f'- the combination beats LocalViT alone: {verdict(combo, lff)}'])
 
 
 if __name__ == '__main__':
@@ -149,5 +158,6 @@ if __name__ == '__main__':
     else:
         for title, table in (('01 ConViT: sample efficiency', fractions), ('01 ConViT: gates', convit_gates),
                              ('02 LocalViT', localvit),
-                             ('03 Early convolutions', stems), ('04 Over-smoothing', oversmoothing)):
+                             ('03 Early convolutions', stems), ('04 Over-smoothing', oversmoothing),
+                             ('05 Combining', combined)):
             print(f'## {title}\n\n{table()}\n')
