@@ -382,7 +382,7 @@ def layers_figure(result, title=''):
 def run_labels(paths, configs):
     """Per run: its arch and the settings in which the runs differ (config.json), else its folder."""
     folder = lambda p: os.path.basename(os.path.dirname(os.path.abspath(p)))
-    skip = {'arch', 'out', 'resume', 'progress', 'workers', 'download', 'data_path', 'recipe', 'base_lr'}
+    skip = {'arch', 'out', 'resume', 'progress', 'workers', 'download', 'data_path', 'recipe', 'base_lr', 'scale_epochs'}
     differ = sorted(k for k in set().union(*configs) - skip if len({json.dumps(c.get(k)) for c in configs if c}) > 1)
     labels = [' '.join([c['arch']] + [f'{k}={c[k]}' for k in differ if c.get(k) is not None])
               if c.get('arch') else folder(p) for p, c in zip(paths, configs)]
