@@ -47,7 +47,6 @@ from einops import rearrange
 # 1. Helpers
 # ==================================================================================================
 
-
 def pair(x):
     """224 -> (224, 224); (224, 160) stays as it is."""
     return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
@@ -66,33 +65,27 @@ def img2seq(x):
 
 @functools.lru_cache(maxsize=32)
 def relative_positions(h, w, device=None):
-    """r_ij = [dx, dy, dx^2 + dy^2] for query i and key j on an h x w grid: (h*w, h*w, 3) integers.
-
-    dx = col_j - col_i, dy = row_j - row_i (ConViT's order). Depends on the grid only: computed
-    once per grid and device (cached), exact whatever dtype a model is cast to."""
-    rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
-                                indexing='ij')
-    rows, cols = rows.flatten(), cols.flatten()
+    """r_ij = [dx, dy, dx^2 + dy^2] for query i and key j of an h x w grid (dx = col_j - col_i,
+    dy = row_j - row_i: ConViT's order): (h*w, h*w, 3) integers, exact, cached per grid and device."""
+    n = torch.arange(h * w, device=device)
+    rows, cols = n // w, n % w                  # token n <-> row n // w, column n % w
     dx = cols[None, :] - cols[:, None]
     dy = rows[None, :] - rows[:, None]
     return torch.stack([dx, dy, dx ** 2 + dy ** 2], dim=-1)
 
 
-def drop_path(x, p, training):
-    """Stochastic depth: drop the whole residual branch for a random subset of samples."""
-    if p == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
-    return x * keep / (1.0 - p)
-
-
 class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch for a random subset of samples."""
+
     def __init__(self, p=0.0):
         super().__init__()
         self.p = p
 
     def forward(self, x):
-        return drop_path(x, self.p, self.training)
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
 
     def extra_repr(self):
         return f'p={self.p}'
@@ -137,7 +130,6 @@ def init_pycls(model):
 #    Both end in `proj` and return a (B, D, h, w) map; `stride` is their total stride.
 # ==================================================================================================
 
-
 class PatchEmbed(nn.Module):
     """Patchify stem (ViT_P): a linear map of each non-overlapping P x P patch."""
 
@@ -151,8 +143,7 @@ class PatchEmbed(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """Convolutional stem (ViT_C): [3x3 conv (stride s) - BN - ReLU] x k, then a 1x1 conv to D.
-    Needs only torch."""
+    """Convolutional stem (ViT_C): [3x3 conv (stride s) - BN - ReLU] x k, then 1x1 conv to D. Needs torch."""
 
     def __init__(self, channels=(24, 48, 96, 192), strides=(2, 2, 2, 2), in_chans=3, embed_dim=192):
         super().__init__()
@@ -189,7 +180,6 @@ def stem_strides_for(strides, total):
 #    which needs the explicit form.
 # ==================================================================================================
 
-
 class Attention(nn.Module):
     """Multi-head self-attention (MHSA). forward(x, grid): the grid is not needed here."""
 
@@ -215,10 +205,7 @@ class Attention(nn.Module):
 
     def forward(self, x, grid=None):            # (B, N, C) -> (B, N, C)
         q, k, v = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads)
-        if self.talking_heads:
-            out = self.weights(q, k) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
+        out = self.weights(q, k) @ v if self.talking_heads else F.scaled_dot_product_attention(q, k, v)
         return self.proj(rearrange(out, 'b h n d -> b n (h d)'))
 
 
@@ -234,7 +221,6 @@ class Attention(nn.Module):
 #    part runs on SDPA, so no B x H x N x N tensor is built:
 #        out_h = SDPA(q, k, (1 - g_h) v)_h + (g_h P_h) @ v_h
 # ==================================================================================================
-
 
 class GPSA(nn.Module):
     """Gated positional self-attention. forward(x, grid): the patch tokens (B, h*w, C) of an
@@ -252,24 +238,21 @@ class GPSA(nn.Module):
         self.gating_param = nn.Parameter(torch.ones(num_heads))
 
     def init_local(self):
-        """The convolutional init (after the generic one): v = identity (so that at init each head
-        passes on the patches it attends to unchanged, as one tap of a convolution copies its
-        pixel), and head h = h1 + k*h2 scores key j by -α ||δ_ij - Δ_h||^2 + const with
-        Δ_h = (h2 - c, h1 - c)."""
+        """The convolutional init (after the generic one): v = identity (each head passes on the patch
+        it attends to unchanged, as one tap of a convolution copies its pixel), and head h = h1 + k*h2
+        scores key j by -α ||δ_ij - Δ_h||^2 + const with Δ_h = (h2 - c, h1 - c)."""
         with torch.no_grad():
             self.v.weight.copy_(torch.eye(self.v.weight.shape[0]))
             k = int(self.num_heads ** 0.5)
             c = (k - 1) / 2
-            for h1 in range(k):
-                for h2 in range(k):
-                    self.pos_proj.weight[h1 + k * h2] = torch.tensor([2 * (h2 - c), 2 * (h1 - c), -1.0])
+            for h in range(k * k):              # h1 = h % k, h2 = h // k
+                self.pos_proj.weight[h] = torch.tensor([2 * (h // k - c), 2 * (h % k - c), -1.0])
             self.pos_proj.weight.mul_(self.locality_strength)
             self.pos_proj.bias.zero_()
 
     def positional_attention(self, grid):
-        """softmax_j(pos_proj(r_ij)) for every head: (H, N, N) in float32, the same for every
-        image. Computed in float32 whatever the weights' dtype or autocast: bf16 would round the
-        distance d^2 = 313 to 312."""
+        """softmax_j(pos_proj(r_ij)) for every head: (H, N, N), the same for every image; float32
+        whatever the weights' dtype or autocast (bf16 would round the distance d^2 = 313 to 312)."""
         w = self.pos_proj.weight
         rel = relative_positions(*grid, device=w.device).float()                 # (N, N, 3)
         with torch.autocast(w.device.type, enabled=False):
@@ -351,10 +334,8 @@ class ECA(nn.Module):
 
 
 def recompute(module, fn, *inputs):
-    """fn(*inputs) (a part of `module`), storing only `inputs` for the backward pass, which runs
-    fn once more (torch.utils.checkpoint): the memory of fn's intermediate activations traded for
-    a second forward. The BatchNorms in `module` update their running statistics in the first
-    run only, as without recomputation."""
+    """fn(*inputs) (a part of `module`) keeping only `inputs` for backward, which reruns fn
+    (torch.utils.checkpoint); `module`'s BatchNorms update their running statistics in the first run only."""
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     runs = []
 
@@ -375,13 +356,11 @@ def recompute(module, fn, *inputs):
 class LocalityFeedForward(nn.Module):
     """LocalViT's locality feed-forward; the residual lives inside, there is no norm before it.
     forward(x, grid): x (B, n_prefix + h*w, C); the n_prefix leading tokens (a class token) pass
-    unchanged. kernel_size 1 removes the locality alone (an ablation). In training it keeps only
-    its input for the backward pass (the expanded maps are recomputed: a fifth of the memory,
-    about the same speed). Needs torch, einops, seq2img, img2seq, make_act (ACTIVATIONS),
-    SqueezeExcite, ECA and recompute."""
+    unchanged. kernel_size 1 removes the locality alone (an ablation). Training keeps only the input
+    for backward (the expanded maps are recomputed: a fifth of the memory, about the same speed).
+    Needs torch, einops, seq2img, img2seq, make_act (ACTIVATIONS), SqueezeExcite, ECA and recompute."""
 
-    def __init__(self, dim, expand_ratio=4.0, act='hswish', channel_attn='se', reduction=4,
-                 kernel_size=3):
+    def __init__(self, dim, expand_ratio=4.0, act='hswish', channel_attn='se', reduction=4, kernel_size=3):
         super().__init__()
         hidden = int(dim * expand_ratio)
         if channel_attn not in ('se', 'eca', 'none', None):
@@ -412,10 +391,8 @@ class LocalityFeedForward(nn.Module):
 
 @torch.no_grad()
 def fuse_batchnorm(model):
-    """For inference: fold every BatchNorm of the locality feed-forwards and the conv stems into
-    the convolution before it (BN(conv(x)) = conv'(x) with W' = W s, b' = β - μ s,
-    s = γ / sqrt(σ² + ε), running statistics). The same function, three fewer passes over the
-    expanded map per block. In place; returns the model, in eval mode."""
+    """For inference (in place; -> the model, in eval mode): fold each BatchNorm of the LFFs and conv
+    stems into the conv before it, W' = W s, b' = β - μ s, s = γ / sqrt(σ² + ε); 3 passes fewer."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
     model.eval()
     for m in model.modules():
@@ -437,11 +414,9 @@ def fuse_batchnorm(model):
 #    class token joins just before block L. pos_embed covers the tokens present at block 0.
 # ==================================================================================================
 
-
 class Block(nn.Module):
-    """A pre-norm block around the attention and the feed-forward modules it is given. Both are
-    called with the patch grid: attn(x, grid); an Mlp as mlp(x), a LocalityFeedForward (which
-    brings its own norm, BatchNorm, and its residual) as lff(x, grid)."""
+    """A pre-norm block around the attention and feed-forward modules it is given: attn(x, grid); an
+    Mlp as mlp(x), a LocalityFeedForward (its own norm, BatchNorm, and residual) as lff(x, grid)."""
 
     def __init__(self, dim, attn, ffn, drop_path=0.0, eps=1e-6):
         super().__init__()
@@ -459,8 +434,7 @@ class Block(nn.Module):
 
 
 def feed_forward(dim, ratio, lff=None):
-    """The MLP, or LocalViT's LFF when lff is a dict of its options (act, channel_attn,
-    reduction, kernel_size)."""
+    """The MLP, or LocalViT's LFF when lff is a dict of its options (act, channel_attn, reduction, ...)."""
     return Mlp(dim, int(dim * ratio)) if lff is None else LocalityFeedForward(dim, ratio, **lff)
 
 
@@ -469,10 +443,9 @@ class VisionTransformer(nn.Module):
     local_up_to_layer > 0 (gpsa: GPSA's options, locality_strength and local_init); LocalViT with
     lff={...} (LocalityFeedForward's options). Each option goes to the one module that uses it."""
 
-    def __init__(self, img_size=224, patch_size=None, in_chans=3, num_classes=1000, embed_dim=192,
-                 depth=12, num_heads=3, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0,
-                 conv_stem=None, local_up_to_layer=0, gpsa=None, lff=None, talking_heads=False,
-                 init='deit'):
+    def __init__(self, img_size=224, patch_size=None, in_chans=3, num_classes=1000, embed_dim=192, depth=12,
+                 num_heads=3, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, conv_stem=None,
+                 local_up_to_layer=0, gpsa=None, lff=None, talking_heads=False, init='deit'):
         super().__init__()
         self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
         if conv_stem is not None:               # ViT_C; strides 2 each unless given
@@ -491,17 +464,12 @@ class VisionTransformer(nn.Module):
             raise ValueError(f'local_up_to_layer {local_up_to_layer} must lie in [0, depth={depth}]')
         self.cls_at = local_up_to_layer           # the block before which the class token joins
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        n = self.grid[0] * self.grid[1] + (self.cls_at == 0)
-        self.pos_embed = nn.Parameter(torch.zeros(1, n, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.grid) + (self.cls_at == 0), embed_dim))
         dpr = torch.linspace(0, drop_path, depth).tolist()
-
-        def attention(i):
-            if i < local_up_to_layer:
-                return GPSA(embed_dim, num_heads, qkv_bias, **(gpsa or {}))
-            return Attention(embed_dim, num_heads, qkv_bias, talking_heads)
-
-        self.blocks = nn.ModuleList([Block(embed_dim, attention(i), feed_forward(embed_dim, mlp_ratio, lff),
-                                           dpr[i]) for i in range(depth)])
+        self.blocks = nn.ModuleList([Block(     # GPSA in blocks 0 .. local_up_to_layer - 1
+            embed_dim, GPSA(embed_dim, num_heads, qkv_bias, **(gpsa or {})) if i < local_up_to_layer
+            else Attention(embed_dim, num_heads, qkv_bias, talking_heads),
+            feed_forward(embed_dim, mlp_ratio, lff), dpr[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes)
         # init: DeiT's (trunc_normal .02), or pycls's for ViT_P / ViT_C; then ConViT's local init
@@ -524,10 +492,10 @@ class VisionTransformer(nn.Module):
             raise ValueError(f'expected images (B, {self.in_chans}, H, W), got {tuple(x.shape)}; '
                              f'build the model with in_chans={x.shape[1] if x.ndim == 4 else "?"}')
         if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f'the model was built for {self.img_size[0]}x{self.img_size[1]} images, '
-                             f'got {x.shape[-2]}x{x.shape[-1]}; resize the input, or build the model '
-                             f'with img_size={tuple(x.shape[-2:])} and load the checkpoint into it '
-                             f'(position embeddings are resized)')
+            raise ValueError(f'the model was built for {self.img_size[0]}x{self.img_size[1]} images, got '
+                             f'{x.shape[-2]}x{x.shape[-1]}; resize the input, or build the model with '
+                             f'img_size={tuple(x.shape[-2:])} and load the checkpoint into it (position '
+                             f'embeddings are resized)')
 
     def join_cls(self, x):
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
@@ -572,7 +540,6 @@ class VisionTransformer(nn.Module):
 #    the paper's. Plain functions on token tensors; the training script weighs and adds them.
 # ==================================================================================================
 
-
 def patch_tokens(layer, grid):
     """The patch tokens (B, h*w, C) of one layer (B, N, C): its last h*w tokens; a class token,
     when the layer has one, sits in front."""
@@ -585,9 +552,8 @@ def patch_tokens(layer, grid):
 
 
 def patch_cosine_loss(tokens):
-    """L_cos = 1/(n(n-1)) Σ_{i≠j} |cos(h_i, h_j)| over the patch tokens (B, n, C) of one layer,
-    per image, averaged over the batch: 1 when the patches are parallel, 0 when orthogonal.
-    Needs torch."""
+    """L_cos = 1/(n(n-1)) Σ_{i≠j} |cos(h_i, h_j)| over the patch tokens (B, n, C) of one layer, per image,
+    averaged over the batch: 1 when the patches are parallel, 0 when orthogonal. Needs torch."""
     if tokens.ndim != 3 or tokens.shape[1] < 2:
         raise ValueError(f'expected patch tokens (B, n, C) with n >= 2 patches, got '
                          f'{tuple(tokens.shape)}')
@@ -600,22 +566,19 @@ def patch_cosine_loss(tokens):
 
 @torch.no_grad()
 def patch_similarity(layers, grid):
-    """The over-smoothing curve: the mean pairwise |cosine| of the patch tokens of every layer
-    (embedding, block 1, ..., block L), averaged over the images; a 1-D tensor, one value per
-    layer, each in [0, 1] (.tolist() for a list of floats)."""
+    """The over-smoothing curve: the mean pairwise |cosine| of the patch tokens of every layer (embedding,
+    block 1, ..., block L), averaged over the images: a 1-D tensor, one value in [0, 1] per layer."""
     return torch.stack([patch_cosine_loss(patch_tokens(x, grid).float()) for x in layers])
 
 
 def patch_contrastive_loss(embed, last, temperature=0.1, normalize=True):
-    """InfoNCE between the patches of one image: each patch's embedding e_i (the stem's output,
-    before any attention) must pick out its own last-layer token h^L_i (the positive) among all
-    h^L_j of the image (the others are the negatives):
+    """InfoNCE between the patches of one image: each patch's embedding e_i (the stem's output, before
+    any attention) must pick out its own last-layer token h^L_i (the positive) among all h^L_j:
         L_con = -(1/n) Σ_i log softmax_j(sim(e_i, h^L_j) / τ)[i],  per image, batch-averaged.
-    embed, last: (B, n, C); the embedding is detached (a fixed target: only the last layer
-    moves). The paper's sim is the raw dot product with τ = 1 (normalize=False, temperature=1).
-    The dot products of wide tokens reach the hundreds, where that softmax saturates and exp()
-    overflows in half precision; so by default sim is the cosine with τ = 0.1, the usual
-    InfoNCE temperature: logits within [-10, 10]. Needs torch and einops."""
+    embed, last: (B, n, C); the embedding is detached (a fixed target: only the last layer moves).
+    The paper's sim is the raw dot product, τ = 1 (normalize=False, temperature=1), which saturates
+    the softmax on wide tokens (and overflows exp() in half precision); so by default sim is the
+    cosine with τ = 0.1, the usual InfoNCE temperature (logits within [-10, 10]). Needs torch, einops."""
     if embed.ndim != 3 or embed.shape != last.shape or embed.shape[1] < 2:
         raise ValueError(f'expected embedding and last-layer patch tokens of one shape (B, n, C), '
                          f'n >= 2; got {tuple(embed.shape)} and {tuple(last.shape)}')
@@ -631,13 +594,12 @@ def patch_contrastive_loss(embed, last, temperature=0.1, normalize=True):
 
 
 def patch_contrastive_loss_released(embed, out, grid, window=7):
-    """The released code's contrastive loss (DiversePatch, deit/models.py, `similarity`). The
-    anchor a_i is the detached patch embedding; three candidates from the last layer after the
-    final norm (out) compete, by raw dot product (no normalisation, τ = 1):
+    """The released code's contrastive loss (DiversePatch, deit/models.py, `similarity`). The anchor a_i
+    is the detached patch embedding; three candidates from the last layer after the final norm (out)
+    compete, by raw dot product (no normalisation, τ = 1):
         positive  out_i                                 the same position
         negative  Σ_{j≠i} out_j / (n - 1)               the mean of the other patches
-        negative  Σ_{j∈W(i), j≠i} out_j / (k² - 1)      the k x k neighbourhood W(i) (k = 7);
-                  zero-padded at the borders, so the divisor stays k² - 1
+        negative  Σ_{j∈W(i), j≠i} out_j / (k² - 1)      the k x k neighbourhood W(i), zero-padded (k 7)
         L = -mean_{b,i} log(softmax([a_i·pos, a_i·neg_1, a_i·neg_2])[0] + 1e-8)
     The 1e-8 (kept, as released) caps each term at ≈ 18.4. Needs torch, seq2img, img2seq."""
     h, w = grid
@@ -663,8 +625,7 @@ def patch_cutmix(images, labels, num_classes, grid, patch_size, alpha=1.0, gener
       the pasted fraction of the grid; patch_labels (B, h*w): the label of each patch's image;
       mask (h*w,) bool, True inside the box (only with return_mask=True).
     The draws come from `generator` or torch's global one. Needs torch and einops."""
-    h, w = grid
-    p = patch_size
+    (h, w), p = grid, patch_size
     if images.ndim != 4 or tuple(images.shape[-2:]) != (h * p, w * p):
         raise ValueError(f'images {tuple(images.shape)} do not fit a {h}x{w} grid of {p}-pixel '
                          f'patches: expected (B, C, {h * p}, {w * p})')
@@ -691,10 +652,8 @@ def patch_cutmix(images, labels, num_classes, grid, patch_size, alpha=1.0, gener
 
 
 class PatchHead(nn.Linear):
-    """The patch classifier of the mixing loss: one Linear(C, num_classes), shared by all patch
-    tokens: (B, n, C) -> (B, n, num_classes), DeiT's init. Feed it the last layer's patch tokens
-    after the final norm (what the class head reads; the released code does the same). It lives
-    beside the model, not inside it, so that the model's state_dict stays the published one."""
+    """The mixing loss's patch classifier: one Linear(C, num_classes) for all patch tokens after the final
+    norm (as released), DeiT's init; beside the model, whose state_dict stays the published one."""
 
     def __init__(self, dim, num_classes):
         super().__init__(dim, num_classes)
@@ -702,9 +661,8 @@ class PatchHead(nn.Linear):
 
 
 def patch_mixing_loss(patch_logits, patch_labels):
-    """L_mix = (1/n) Σ_i CE(head_patch(h^L_i), y_i): the cross-entropy of each patch's prediction
-    (B, n, K) against the label of the image it came from (B, n), averaged over patches and
-    images. Needs torch and einops."""
+    """L_mix = (1/n) Σ_i CE(head_patch(h^L_i), y_i): each patch's prediction (B, n, K) against the label
+    of the image it came from (B, n), averaged over patches and images. Needs torch and einops."""
     if patch_logits.ndim != 3 or patch_labels.shape != patch_logits.shape[:2]:
         raise ValueError(f'expected patch logits (B, n, K) and patch labels (B, n), got '
                          f'{tuple(patch_logits.shape)} and {tuple(patch_labels.shape)}')
@@ -734,21 +692,19 @@ def region_mixing_loss(head, patches, patch_labels, mask):
 
 # ==================================================================================================
 # Appendix A. LocalViT beyond DeiT: PVT, Swin, TNT, T2T-ViT (Li et al. 2021)
-#    LocalViT puts the same locality feed-forward into four more transformers, in place of every
-#    (outer) block's norm2 + MLP (lff={...}: h-swish + SE; a class token bypasses it). They are
-#    built from the pieces above (Block with PVT's and Swin's own attention modules, Attention,
-#    Mlp, LocalityFeedForward) and share VisionTransformer's interface: img_size, in_chans,
-#    num_classes, grid (the final patch grid), pos_embed_grids, forward_features(x,
-#    return_layers), forward_head, forward. return_layers gives [embedding, block outputs...] on
-#    `grid` only: for the pyramids (PVT, Swin) that is the last stage, for TNT and T2T-ViT the
-#    (outer) patch tokens of every block, as in the ViT.
+#    LocalViT puts the same locality feed-forward into four more transformers, in place of every (outer)
+#    block's norm2 + MLP (lff={...}: h-swish + SE; a class token bypasses it). They are built from the
+#    pieces above (Block with PVT's and Swin's own attention modules, Attention, Mlp, LocalityFeedForward)
+#    and share VisionTransformer's interface: img_size, in_chans, num_classes, grid (the final patch
+#    grid), pos_embed_grids, forward_features(x, return_layers), forward_head, forward. return_layers
+#    gives [embedding, block outputs...] on `grid` only: for the pyramids (PVT, Swin) the last stage,
+#    for TNT and T2T-ViT the (outer) patch tokens of every block, as in the ViT.
 # ==================================================================================================
-
 
 class Backbone(nn.Module):
     """What the four families share with VisionTransformer: the input check, the class-token head
     (Swin, without a class token, overrides it), and no learned position embedding by default."""
-    check_input = VisionTransformer.check_input
+    check_input, join_cls = VisionTransformer.check_input, VisionTransformer.join_cls
     forward_head = VisionTransformer.forward_head
     forward = VisionTransformer.forward
 
@@ -799,7 +755,6 @@ class NormedPatchEmbed(PatchEmbed):
 # the last stage (sr = 1). LocalViT-PVT: LFF(γ = the stage's MLP ratio, SE width γ: reduction =
 # dim). LayerNorm eps: blocks and the final norm 1e-6, patch embeddings and the reduction norm 1e-5.
 
-
 class SpatialReductionAttention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias=True, sr_ratio=1):
         super().__init__()
@@ -843,14 +798,11 @@ class PVT(Backbone):
                              f'later stage), got {self.img_size}')
         self.grid, self.num_stages = tuple(s // total for s in self.img_size), len(depths)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[-1]))
-        dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
-        self.stages = nn.ModuleList()
-        for i, dim in enumerate(embed_dims):
-            last, drop_paths = i == len(depths) - 1, dpr[sum(depths[:i]):sum(depths[:i + 1])]
-            h, w = self.stage_grid(i)
-            self.stages.append(PVTStage(
-                embed_dims[i - 1] if i else in_chans, dim, 2 if i else patch_size,
-                last + h * w, num_heads[i], mlp_ratios[i], sr_ratios[i], qkv_bias, drop_paths, lff))
+        dprs = torch.linspace(0, drop_path, sum(depths)).split(list(depths))    # per stage
+        self.stages = nn.ModuleList([PVTStage(     # the last stage's tokens: class token + h*w
+            embed_dims[i - 1] if i else in_chans, dim, 2 if i else patch_size,
+            (i == len(depths) - 1) + math.prod(self.stage_grid(i)), num_heads[i], mlp_ratios[i],
+            sr_ratios[i], qkv_bias, dp.tolist(), lff) for i, (dim, dp) in enumerate(zip(embed_dims, dprs))])
         self.finish(embed_dims[-1], 1e-6, self.cls_token, *[stage.pos_embed for stage in self.stages])
 
     def stage_grid(self, i):
@@ -862,17 +814,14 @@ class PVT(Backbone):
                 for i in range(self.num_stages)}
 
     def forward_features(self, x, return_layers=False):
-        """Tokens after the final norm (B, 1 + h*w, C), class token first; with return_layers, also
-        the last stage's [embedding, block outputs] (before the final norm)."""
+        """(B, 1 + h*w, C) after the final norm, class token first; layers: the last stage's."""
         self.check_input(x)
-        last = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
+            last = i == self.num_stages - 1
             x, grid = stage.patch_embed(x)      # map -> tokens (B, h*w, C)
-            if i == last:                       # the class token joins
-                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-            x, layers = self.run_blocks(stage.blocks, x + stage.pos_embed, grid)
-            if i < last:
-                x = seq2img(x, grid)            # tokens -> map for the next stage
+            x = (self.join_cls(x) if last else x) + stage.pos_embed      # the class token joins last
+            x, layers = self.run_blocks(stage.blocks, x, grid)
+            x = x if last else seq2img(x, grid)     # tokens -> map for the next stage
         x = self.norm(x)
         return (x, layers) if return_layers else x
 
@@ -887,19 +836,15 @@ class PVT(Backbone):
 # window size (and its bias table, so one checkpoint loads at every size) instead of shrinking it.
 # LayerNorm eps 1e-5. LocalViT-Swin: LFF(γ 4, SE width 16: reduction = dim / 4) in every block.
 
-
 def relative_position_index(ws):
     """Row of the (2ws-1)^2 bias table for query i and key j of a window: by pos_i - pos_j."""
-    rows, cols = torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing='ij')
-    dy = rows.flatten()[:, None] - rows.flatten()[None, :] + ws - 1    # 0 .. 2ws-2
-    dx = cols.flatten()[:, None] - cols.flatten()[None, :] + ws - 1
-    return dy * (2 * ws - 1) + dx
+    r = relative_positions(ws, ws)              # pos_j - pos_i
+    return (ws - 1 - r[..., 1]) * (2 * ws - 1) + (ws - 1 - r[..., 0])    # each in 0 .. 2ws-2
 
 
 def window_mask(h, w, ws, shift, device=None):
-    """Additive mask (windows, 1, ws*ws, ws*ws) for the padded and rolled h x w map, or None when
-    nothing is masked. The rows and columns that wrap around in the roll form their own regions;
-    padding is region -1; a query sees only the keys of its own region."""
+    """Additive mask (windows, 1, ws*ws, ws*ws) for the padded, rolled h x w map (None: nothing masked): a
+    query sees only keys of its own region (rows / columns wrapped around by the roll; padding: -1)."""
     hp, wp = h + -h % ws, w + -w % ws
     if shift == 0 and (hp, wp) == (h, w):
         return None
@@ -917,10 +862,8 @@ class WindowAttention(nn.Module):
         self.num_heads, self.window_size, self.shift_size = num_heads, window_size, shift_size
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.relative_position_bias_table = nn.Parameter(
-            torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        self.register_buffer('relative_position_index', relative_position_index(window_size),
-                             persistent=False)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer('relative_position_index', relative_position_index(window_size), persistent=False)
 
     def forward(self, x, grid):                 # (B, h*w, C) -> (B, h*w, C)
         (h, w), ws, s = grid, self.window_size, self.shift_size
@@ -958,8 +901,7 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    def __init__(self, dim, grid, num_heads, window_size, mlp_ratio, qkv_bias, drop_paths, lff,
-                 downsample):
+    def __init__(self, dim, grid, num_heads, window_size, mlp_ratio, qkv_bias, drop_paths, lff, downsample):
         super().__init__()
         shift = window_size // 2 if min(grid) > window_size else 0     # the reference's rule
         self.blocks = nn.ModuleList([
@@ -975,24 +917,21 @@ class Swin(Backbone):
                  qkv_bias=True, drop_path=0.0, lff=None):
         super().__init__(img_size, in_chans, num_classes)
         if any(s % patch_size for s in self.img_size):
-            raise ValueError(f'img_size {self.img_size} is not divisible by patch_size '
-                             f'{patch_size}')
+            raise ValueError(f'img_size {self.img_size} is not divisible by patch_size {patch_size}')
         self.patch_embed = NormedPatchEmbed(patch_size, in_chans, embed_dim)
         grid = tuple(s // patch_size for s in self.img_size)
-        dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
         self.stages = nn.ModuleList()
-        for i in range(len(depths)):
-            last, drop_paths = i == len(depths) - 1, dpr[sum(depths[:i]):sum(depths[:i + 1])]
+        for i, dp in enumerate(torch.linspace(0, drop_path, sum(depths)).split(list(depths))):
+            last = i == len(depths) - 1
             self.stages.append(SwinStage(embed_dim * 2 ** i, grid, num_heads[i], window_size,
-                                         mlp_ratio, qkv_bias, drop_paths, lff, downsample=not last))
+                                         mlp_ratio, qkv_bias, dp.tolist(), lff, downsample=not last))
             grid = grid if last else ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
         self.grid = grid
         self.finish(embed_dim * 2 ** (len(depths) - 1), 1e-5, *[
             m.relative_position_bias_table for m in self.modules() if isinstance(m, WindowAttention)])
 
     def forward_features(self, x, return_layers=False):
-        """Tokens after the final norm (B, h*w, C), no class token; with return_layers, also the
-        last stage's [input, block outputs] (before the final norm)."""
+        """(B, h*w, C) after the final norm, no class token; layers: the last stage's."""
         self.check_input(x)
         x, grid = self.patch_embed(x)
         for stage in self.stages:
@@ -1014,10 +953,8 @@ class Swin(Backbone):
 # width 4: reduction = dim). The reference's separate qk and v Linears are the rows of our one
 # qkv. LayerNorm eps 1e-5.
 
-
 class TNTBlock(nn.Module):
-    def __init__(self, dim, in_dim, num_pixel, num_heads, in_num_heads, mlp_ratio, qkv_bias,
-                 drop_path, lff):
+    def __init__(self, dim, in_dim, num_pixel, num_heads, in_num_heads, mlp_ratio, qkv_bias, drop_path, lff):
         super().__init__()
         self.inner = Block(in_dim, Attention(in_dim, in_num_heads, qkv_bias), Mlp(in_dim, 4 * in_dim),
                            drop_path, eps=1e-5)
@@ -1059,16 +996,13 @@ class TNT(Backbone):
         return {'patch_pos': (1, self.grid)}
 
     def forward_features(self, x, return_layers=False):
-        """Patch tokens after the final norm (B, 1 + h*w, C), class token first; with
-        return_layers, also [embedding, outer block outputs] (before the final norm)."""
+        """(B, 1 + h*w, C) after the final norm, class token first; layers: the outer blocks'."""
         self.check_input(x)
         p = self.pixel_size
         pixels = rearrange(self.pixel_embed(x), 'b c (h i) (w j) -> (b h w) (i j) c', i=p, j=p)
         pixels = pixels + self.pixel_pos
         patches = rearrange(pixels, '(b n) p c -> b n (p c)', b=x.shape[0])
-        patches = self.patch_norm(self.pixel_proj(self.pixel_norm(patches)))
-        patches = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), patches], dim=1)
-        patches = patches + self.patch_pos
+        patches = self.join_cls(self.patch_norm(self.pixel_proj(self.pixel_norm(patches)))) + self.patch_pos
         layers = [patches]
         for block in self.blocks:
             pixels, patches = block(pixels, patches, self.grid)
@@ -1117,8 +1051,7 @@ class TokenPerformer(nn.Module):
         if with_lff:
             self.lff = LocalityFeedForward(token_dim, 1.0, 'hswish', None)
         else:
-            self.norm2 = nn.LayerNorm(token_dim)
-            self.mlp = Mlp(token_dim, token_dim)
+            self.norm2, self.mlp = nn.LayerNorm(token_dim), Mlp(token_dim, token_dim)
 
     def phi(self, x):                           # (B, T, d) -> (B, T, m)
         w = self.random_features
@@ -1166,11 +1099,10 @@ class T2TViT(Backbone):
         self.finish(embed_dim, 1e-5, self.cls_token)
 
     def forward_features(self, x, return_layers=False):
-        """Tokens after the final norm (B, 1 + h*w, C), class token first; with return_layers,
-        also [embedding, block outputs] (before the final norm)."""
+        """(B, 1 + h*w, C) after the final norm, class token first; layers as the ViT's."""
         self.check_input(x)
         x, grid = self.tokens_to_token(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.join_cls(x) + self.pos_embed
         x, layers = self.run_blocks(self.blocks, x, grid)
         x = self.norm(x)
         return (x, layers) if return_layers else x
@@ -1245,8 +1177,7 @@ def list_models():
 
 
 def model_name(name):
-    """Our name for a zoo name or one of timm's (ALIASES); an unknown name raises ValueError
-    naming the closest ones."""
+    """Our name for a zoo name or timm's (ALIASES); an unknown one raises ValueError naming the closest."""
     name = ALIASES.get(name, name)
     if name not in MODELS:
         close = difflib.get_close_matches(name, list(MODELS) + list(ALIASES), n=4, cutoff=0.5)
@@ -1261,13 +1192,12 @@ def model_options(name):
 
 
 def create_model(name, pretrained=False, **overrides):
-    """Build a zoo model (our name or timm's); overrides (img_size, patch_size, num_classes,
-    embed_dim, depth, num_heads, drop_path, ...) replace the published configuration, and a dict
-    option (lff, gpsa, conv_stem) is merged into the published one: create_model('localvit_t',
-    lff={'kernel_size': 1}) keeps its SE. `patch_size` on a conv-stem model sets its total stride
-    (its last stride-2 convolutions become stride 1). pretrained=True loads the released weights
-    (appendix C: PRETRAINED), resized to img_size, with a new classifier for another class count.
-    model.config holds the full configuration (plain data: checkpoints carry it)."""
+    """Build a zoo model (our name or timm's); overrides (img_size, patch_size, num_classes, embed_dim,
+    depth, num_heads, drop_path, ...) replace the published configuration, and a dict option (lff, gpsa,
+    conv_stem) is merged into the published one: create_model('localvit_t', lff={'kernel_size': 1}) keeps
+    its SE. `patch_size` on a conv-stem model sets its total stride (its last stride-2 convolutions become
+    stride 1). pretrained=True loads the released weights (appendix C: PRETRAINED), resized to img_size,
+    with a new classifier for another class count. model.config: the full configuration (plain data)."""
     name = model_name(name)
     cls, cfg = MODELS[name]
     unknown = [k for k in overrides if k not in model_options(name)]
@@ -1290,11 +1220,9 @@ def create_model(name, pretrained=False, **overrides):
 #    is recognised by a key only it has. Position embeddings are resized in one loop.
 # ==================================================================================================
 
-
 def read_checkpoint(path):
-    """torch.load with weights_only=True (tensors and plain data only; DeiT-style training
-    checkpoints also hold their argparse.Namespace) and one clear line for a missing, corrupt or
-    unsafe file."""
+    """torch.load with weights_only=True (tensors and plain data only; DeiT-style training checkpoints
+    also hold their argparse.Namespace) and one clear line for a missing, corrupt or unsafe file."""
     import argparse
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -1312,9 +1240,8 @@ def read_checkpoint(path):
 
 
 def unwrap_state_dict(obj, weights='model'):
-    """The state dict inside a checkpoint: ours ({'model', 'ema', ...}), DeiT/LocalViT
-    ({'model': ...}), pycls ({'model_state': ...}), timm's scripts ({'state_dict': ...}), or a
-    bare state dict (ConViT's release)."""
+    """The state dict inside a checkpoint: ours ({'model', 'ema', ...}), DeiT/LocalViT ({'model': ...}),
+    pycls ({'model_state': ...}), timm's scripts ({'state_dict': ...}), or a bare one (ConViT's release)."""
     if not isinstance(obj, Mapping):
         raise ValueError(f'a checkpoint must be a dict of tensors or wrap one, got {type(obj).__name__}')
     if weights == 'ema':
@@ -1431,13 +1358,11 @@ def resize_pos_embed(pos, n_prefix, new_grid, old_grid=None):
 
 
 def load_checkpoint(model, checkpoint, weights='model', skip_head=False, strict=True):
-    """Load a path or a loaded checkpoint into `model`, in any format above.
-
-    At another resolution every learned position embedding (model.pos_embed_grids()) is
-    interpolated to the model's grid; fixed tables (T2T-ViT's) stay the model's own; GPSA
-    rebuilds its relative positions by itself. weights='ema' picks our EMA weights.
-    skip_head=True keeps the model's own classifier (fine-tuning on another class count).
-    Any mismatch raises ValueError saying what was expected and what was found."""
+    """Load a path or a loaded checkpoint into `model`, in any format above. At another resolution every
+    learned position embedding (model.pos_embed_grids()) is interpolated to the model's grid; fixed
+    tables (T2T-ViT's) stay the model's own; GPSA rebuilds its relative positions by itself.
+    weights='ema' picks our EMA weights; skip_head=True keeps the model's own classifier (fine-tuning
+    on another class count). Any mismatch raises ValueError saying what was expected and what was found."""
     obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     old_grids = obj.get('grids') or {} if isinstance(obj, Mapping) else {}   # ours know theirs
     sd = to_our_keys(dict(unwrap_state_dict(obj, weights)))
@@ -1465,10 +1390,8 @@ def load_checkpoint(model, checkpoint, weights='model', skip_head=False, strict=
         kind = lambda d: ', '.join([v for k, v in kinds.items() if any(k in key for key in d)] or
                                    ['plain ViT blocks'])
         detail = '; '.join(f'{label} {len(keys)} (e.g. {", ".join(keys[:3])})' for label, keys in
-                           [('missing', missing), ('unexpected', unexpected),
-                            ('wrong shape', wrong)] if keys)
-        raise ValueError(f'the checkpoint ({kind(sd)}) does not fit model {name} ({kind(own)}): '
-                         f'{detail}')
+                           [('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong)] if keys)
+        raise ValueError(f'the checkpoint ({kind(sd)}) does not fit model {name} ({kind(own)}): {detail}')
     model.load_state_dict(sd, strict=strict and not skip_head)
     return model
 
@@ -1476,27 +1399,23 @@ def load_checkpoint(model, checkpoint, weights='model', skip_head=False, strict=
 # The official releases (URLs from the authors' repositories). DeiT's file names carry the first
 # hex digits of the file's sha256, which the download checks (torch.hub's convention).
 PRETRAINED = {
-    'deit_t': 'https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth',
-    'deit_s': 'https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth',
-    'deit_b': 'https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth',
-    'convit_t': 'https://dl.fbaipublicfiles.com/convit/convit_tiny.pth',
-    'convit_s': 'https://dl.fbaipublicfiles.com/convit/convit_small.pth',
-    'convit_b': 'https://dl.fbaipublicfiles.com/convit/convit_base.pth',
+    **{f'deit_{size[0]}': f'https://dl.fbaipublicfiles.com/deit/deit_{size}_patch16_224-{sha}.pth'
+       for size, sha in [('tiny', 'a1311bcf'), ('small', 'cd65a155'), ('base', 'b5f2ef4d')]},
+    **{f'convit_{size[0]}': f'https://dl.fbaipublicfiles.com/convit/convit_{size}.pth'
+       for size in ('tiny', 'small', 'base')},
     **{name: f'https://github.com/ofsoundof/LocalViT/releases/download/v1.0.0/{file}.pth'
        for name, file in [('localvit_t', 'localvit_t'), ('localvit_t_se4', 'localvit_t_se4'),
                           ('localvit_s', 'localvit_s'), ('localvit_pvt_t', 'localvit_pvt'),
                           ('localvit_swin_t', 'localvit_swin'), ('localvit_tnt_t', 'localvit_tnt')]},
     'pvt_t': 'https://github.com/whai362/PVT/releases/download/v2/pvt_tiny.pth',
-    'swin_t': 'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/'
-              'swin_tiny_patch4_window7_224.pth',
+    'swin_t': 'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth',
     't2t_vit_7': 'https://github.com/yitu-opensource/T2T-ViT/releases/download/main/71.7_T2T_ViT_7.pth.tar',
 }
 
 
 def download(url):
-    """The file at `url`, downloaded once into torch hub's cache (TORCH_HOME, default
-    ~/.cache/torch/hub/checkpoints): -> its path. A name like deit_..._224-a1311bcf.pth is
-    checked against that sha256 prefix; a file that fails the check is not kept."""
+    """`url` downloaded once into torch hub's cache (TORCH_HOME/hub/checkpoints) -> its path. A name like
+    deit_..._224-a1311bcf.pth is checked against that sha256 prefix; a file that fails is not kept."""
     from urllib.parse import urlparse
     filename = os.path.basename(urlparse(url).path)
     path = os.path.join(torch.hub.get_dir(), 'checkpoints', filename)
@@ -1515,10 +1434,8 @@ def download(url):
 
 
 def load_pretrained(model, source=None):
-    """Load released weights into a zoo model: source None takes PRETRAINED[model.arch]; a URL
-    is downloaded (cached); anything else is a path. At another img_size the position
-    embeddings are resized; for another class count the classifier is left new (said in one
-    line)."""
+    """Released weights into a zoo model: source None takes PRETRAINED[model.arch], a URL is downloaded
+    (cached), else a path. Position embeddings resized to img_size; another class count: a new head."""
     if source is None:
         if model.arch not in PRETRAINED:
             raise ValueError(f'{model.arch} has no released weights; these models have them: '
@@ -1540,10 +1457,8 @@ def load_pretrained(model, source=None):
 
 
 # ==================================================================================================
-# Appendix D. Measuring: parameters and multiply-accumulates (matmuls and convolutions, attention
-#    included)
+# Appendix D. Measuring: parameters and multiply-accumulates (matmuls and convolutions, attention included)
 # ==================================================================================================
-
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())

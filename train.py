@@ -20,7 +20,6 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -43,10 +42,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # ==================================================================================================
 
 def flag(default, help, choices=None):
-    return field(default=default, metadata={'help': help, 'choices': choices})
+    return dataclasses.field(default=default, metadata={'help': help, 'choices': choices})
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # model: a zoo name (or timm's), and overrides in the papers' words
     arch: str = flag('localvit_t', "the model: a zoo name (locvit.list_models()) or timm's name")
@@ -142,14 +141,12 @@ DATA_SETTINGS = {
     'folder': dict(img_size=224, crop_scale=0.08),
 }
 # the model flags: where create_model takes each (an option, or a key of a dict option)
-MODEL_FLAGS = {'img_size': 'img_size', 'patch_size': 'patch_size', 'drop_path': 'drop_path',
-               'embed_dim': 'embed_dim', 'depth': 'depth', 'num_heads': 'num_heads',
-               'mlp_ratio': 'mlp_ratio', 'local_up_to_layer': 'local_up_to_layer',
-               'talking_heads': 'talking_heads', 'locality_strength': ('gpsa', 'locality_strength'),
-               'local_init': ('gpsa', 'local_init'), 'stem_channels': ('conv_stem', 'channels'),
-               'stem_strides': ('conv_stem', 'strides'), 'ffn': 'lff', 'act': ('lff', 'act'),
-               'channel_attn': ('lff', 'channel_attn'), 'reduction': ('lff', 'reduction'),
-               'lff_kernel': ('lff', 'kernel_size')}
+MODEL_FLAGS = {**{k: k for k in ('img_size', 'patch_size', 'drop_path', 'embed_dim', 'depth', 'num_heads',
+                                  'mlp_ratio', 'local_up_to_layer', 'talking_heads')},
+               'locality_strength': ('gpsa', 'locality_strength'), 'local_init': ('gpsa', 'local_init'),
+               'stem_channels': ('conv_stem', 'channels'), 'stem_strides': ('conv_stem', 'strides'),
+               'ffn': 'lff', 'act': ('lff', 'act'), 'channel_attn': ('lff', 'channel_attn'),
+               'reduction': ('lff', 'reduction'), 'lff_kernel': ('lff', 'kernel_size')}
 
 
 class TrainError(Exception):
@@ -158,17 +155,13 @@ class TrainError(Exception):
 
 def add_flags(parser, names):
     """A flag per Config field named: its help, its default (or the recipe's), its choices."""
-    for f in dataclasses.fields(Config):
-        if f.name in names:
-            name, meta = '--' + f.name.replace('_', '-'), f.metadata
-            shown = meta['help'] + ('' if f.default is None else f' (default: {f.default})')
-            if f.type is bool:
-                parser.add_argument(name, action=argparse.BooleanOptionalAction, help=shown,
-                                    default=argparse.SUPPRESS)
-            else:
-                parser.add_argument(name, type={'int': int, 'float': float}.get(f.type.__name__, str),
-                                    choices=meta['choices'], default=argparse.SUPPRESS, help=shown,
-                                    metavar=None if meta['choices'] else f.name.upper())
+    for f in (f for f in dataclasses.fields(Config) if f.name in names):
+        choices = f.metadata['choices']
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(
+            type={'int': int, 'float': float}.get(f.type.__name__, str), choices=choices,
+            metavar=None if choices else f.name.upper())
+        shown = f.metadata['help'] + ('' if f.default is None else f' (default: {f.default})')
+        parser.add_argument('--' + f.name.replace('_', '-'), default=argparse.SUPPRESS, help=shown, **kind)
 
 
 def add_model_flags(parser):
@@ -307,8 +300,7 @@ def sync_buffers(*modules):
 # the data set is the same on every machine and costs no disk.
 # ==================================================================================================
 
-SHAPES = ('disk', 'ring', 'square', 'frame', 'triangle', 'plus', 'cross', 'diamond',
-          'h-stripes', 'v-stripes')
+SHAPES = ('disk', 'ring', 'square', 'frame', 'triangle', 'plus', 'cross', 'diamond', 'h-stripes', 'v-stripes')
 
 
 def shape_mask(kind, u, v):
@@ -690,11 +682,10 @@ def select(dataset, num_classes, fraction):
 
 
 class RepeatAugSampler(Sampler):
-    """Repeated augmentation (Hoffer et al.; DeiT's RASampler): an epoch holds len / repeats
-    distinct images, each `repeats` times (under its own augmentation each time). The images are
-    shuffled, each one's copies placed side by side, and position i of that list goes to rank
-    i % world: the copies of an image spread over the ranks, and the ranks' shares are disjoint.
-    Every rank sees len / world samples, as without repeats."""
+    """Repeated augmentation (Hoffer et al.; DeiT's RASampler): an epoch holds len / repeats distinct
+    images, each `repeats` times (each under its own augmentation). The images are shuffled, each one's
+    copies placed side by side, and position i of that list goes to rank i % world: the copies spread
+    over the ranks, whose shares are disjoint. Every rank sees len / world samples, as without repeats."""
 
     def __init__(self, n, world, rank, repeats=3, seed=0):
         self.n, self.world, self.rank, self.repeats, self.seed, self.epoch = n, world, rank, repeats, seed, 0
@@ -715,10 +706,9 @@ def as_lists(batch):                        # --gpu-decode: the JPEG bytes stay 
 
 
 def build_loaders(cfg, train_set, val_set, rank, world, device):
-    """Training: repeated augmentation or a shuffled shard per rank. Evaluation: rank r takes
-    samples r, r + world, ... (nothing padded, nothing twice: evaluate() sums exact counts).
-    Workers restart every epoch and take their seeds from torch's generator, so a resumed run
-    (which restores it) draws the same augmentations as an uninterrupted one."""
+    """Training: repeated augmentation or a shuffled shard per rank. Evaluation: rank r takes samples
+    r, r + world, ... (nothing padded, nothing twice: evaluate() sums exact counts). Workers restart every
+    epoch, seeded from torch's generator: a resumed run (which restores it) draws the same augmentations."""
     from torch.utils.data.distributed import DistributedSampler
     sampler = (RepeatAugSampler(len(train_set), world, rank, cfg.repeated_aug, cfg.seed) if cfg.repeated_aug > 1
                else DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True))
@@ -1055,10 +1045,8 @@ def main(argv=None):
     optimizer = build_optimizer(cfg, model, global_batch)
     schedule = Schedule(cfg, len(train_loader) // cfg.accum, optimizer.param_groups[0]['lr'])
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
-    ema = None
-    if cfg.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(published(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    ema = torch.optim.swa_utils.AveragedModel(published(model), use_buffers=True, multi_avg_fn=(
+        torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))) if cfg.ema else None
     start_epoch, best = resume_from(cfg, model, optimizer, schedule, scaler, ema, classes, rank) \
         if cfg.resume else (0, 0.0)
     if cfg.compile:
