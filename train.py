@@ -190,6 +190,9 @@ def parse_config(argv=None):
     for name in ('epochs', 'batch_size', 'accum', 'repeated_aug', 'eval_every'):
         if getattr(cfg, name) < 1:
             raise TrainError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(cfg, name)}')
+    for name in ('lr', 'weight_decay', 'warmup_lr', 'min_lr', 'smoothing', 'reprob', 'drop_path'):
+        if (getattr(cfg, name) or 0) < 0:
+            raise TrainError(f'--{name.replace("_", "-")} must not be negative, got {getattr(cfg, name)}')
     if not 0 < cfg.data_fraction <= 1:
         raise TrainError(f'--data-fraction must lie in (0, 1], got {cfg.data_fraction}')
     try:

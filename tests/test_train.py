@@ -414,10 +414,11 @@ def test_a_corrupt_or_mismatched_resume_checkpoint(capsys, tmp_path):
     assert 'is a deit_t run on 10 classes, this run is convit_t on 10' in err
 
 
-def test_no_epochs_and_a_malformed_randaug(capsys, tmp_path):
+def test_no_epochs_a_malformed_randaug_a_negative_lr(capsys, tmp_path):
     assert '--epochs must be at least 1, got 0' in cli_error(['--epochs', '0', '--out', str(tmp_path)], capsys)
     err = cli_error(['--randaug', '2', '--out', str(tmp_path)], capsys)
     assert "--randaug takes 'N,M'" in err and "got '2'" in err
+    assert '--lr must not be negative, got -1.0' in cli_error(['--lr', '-1', '--out', str(tmp_path)], capsys)
 
 
 def test_diverse_flag_errors(capsys, tmp_path):

@@ -146,11 +146,13 @@ def oversmoothing():
 
 
 def combined():
-    combo, lff, deit = seeds('combo'), seeds('localvit'), seeds('frac1.0_deit')
+    combo, lff, deit, convit = seeds('combo'), seeds('localvit'), seeds('frac1.0_deit'), seeds('frac1.0_convit')
     return '\n'.join(['| model (6 blocks of width 96) | top-1 (%) |', '|---|---|', f'| DeiT | {cell(deit)} |',
-                      f'| LocalViT (LFF) | {cell(lff)} |', f'| conv stem + GPSA (5 blocks) + LFF | {cell(combo)} |', '',
+                      f'| ConViT | {cell(convit)} |', f'| LocalViT (LFF) | {cell(lff)} |',
+                      f'| conv stem + GPSA (5 blocks) + LFF | {cell(combo)} |', '',
+                      f'- the combination beats DeiT: {verdict(combo, deit)}',
+                      f'- the combination beats ConViT: {verdict(combo, convit)}',
                       f'- the combination beats LocalViT alone: {verdict(combo, lff)}'])
-
 
 if __name__ == '__main__':
     if '--best-stems' in sys.argv:
