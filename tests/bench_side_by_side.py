@@ -1,0 +1,92 @@
+"""Models side by side in ONE process, taking turns call by call: the ratios of their forward
+(eval mode, BatchNorms folded) and training-step (forward, backward, AdamW) speeds. On a shared
+machine whose speed drifts, turns within one process compare more fairly than the separate
+processes of `evaluate.py --benchmark` (which also measures peak memory, per process). Also the
+activations a training forward saves for backward, in MB (each storage once), and for models with
+LocalViT's LFF the same without its recomputation (`locvit.recompute` replaced by a plain call).
+
+    python tests/bench_side_by_side.py [--models deit_t localvit_t convit_t] [--batch-size 32] [--rounds 5]
+
+Each round times two calls of every model in turn after one untimed call; the median over the
+rounds counts. Prints one Markdown table: images/s and each model's ratio to the first.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import locvit  # noqa: E402
+
+
+def saved_mb(model, x):
+    """MB of the tensors autograd saves for backward in one training forward (each storage once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.train()(x)
+    return sum(storages.values()) / 2 ** 20
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--models', nargs='+', default=['deit_t', 'localvit_t', 'convit_t'])
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--rounds', type=int, default=5)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    y = torch.randint(0, 1000, (args.batch_size,))
+    train = {a: locvit.create_model(a, img_size=args.img_size) for a in args.models}
+    opts = {a: torch.optim.AdamW(m.parameters()) for a, m in train.items()}
+    infer = {a: locvit.fuse_batchnorm(locvit.create_model(a, img_size=args.img_size)) for a in args.models}
+
+    def step(a):
+        loss = F.cross_entropy(train[a](x), y)
+        opts[a].zero_grad()
+        loss.backward()
+        opts[a].step()
+
+    def forward(a):
+        with torch.inference_mode():
+            infer[a](x)
+
+    times = {}
+    for _ in range(args.rounds):
+        for kind, fn in (('forward', forward), ('train', step)):
+            for a in args.models:
+                fn(a)
+                start = time.perf_counter()
+                fn(a), fn(a)
+                times.setdefault((kind, a), []).append((time.perf_counter() - start) / 2)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    first = args.models[0]
+    print(f'`python tests/bench_side_by_side.py --models {" ".join(args.models)} --batch-size {args.batch_size} '
+          f'--rounds {args.rounds}`: fp32, {args.img_size} px, {torch.get_num_threads()} threads, torch {torch.__version__}\n')
+    print(f'| model | forward img/s | train img/s | forward / {first} | train / {first} |')
+    print('|---|---:|---:|---:|---:|')
+    for a in args.models:
+        f, t = med[('forward', a)], med[('train', a)]
+        print(f'| `{a}` | {args.batch_size / f:.1f} | {args.batch_size / t:.1f} | '
+              f'{med[("forward", first)] / f:.2f} | {med[("train", first)] / t:.2f} |')
+    print('\n| model | saved for backward (MB) | without the LFF\'s recomputation (MB) |\n|---|---:|---:|')
+    for a in args.models:
+        saved = saved_mb(train[a], x)
+        lff = any(isinstance(m, locvit.LocalityFeedForward) for m in train[a].modules())
+        if lff:
+            recompute, locvit.recompute = locvit.recompute, lambda module, fn, *inputs: fn(*inputs)
+            plain = saved_mb(train[a], x)
+            locvit.recompute = recompute
+        print(f'| `{a}` | {saved:.0f} | {f"{plain:.0f}" if lff else "–"} |')
+
+
+if __name__ == '__main__':
+    main()
