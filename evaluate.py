@@ -52,14 +52,19 @@ def classifier_size(obj, weights='model'):
     return None if head is None else head.shape[0]
 
 
-def load_model(checkpoint=None, arch=None, weights='model', pretrained=False, **overrides):
-    """-> (model in eval mode, checkpoint or None): from our checkpoint (a path or dict), an official
-    one (`arch` names it), the released weights (pretrained) or the initial ones; overrides on top."""
+def checkpoint_and_arch(checkpoint, arch=None):
+    """-> (the checkpoint: a path is read, a dict or None stays; the model: `arch`, else the checkpoint's)."""
     obj = locvit.read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     arch = arch or (obj.get('arch') if isinstance(obj, Mapping) else None)
     if not arch:
         raise ValueError(NO_ARCH)
-    arch = locvit.model_name(arch)
+    return obj, locvit.model_name(arch)
+
+
+def load_model(checkpoint=None, arch=None, weights='model', pretrained=False, **overrides):
+    """-> (model in eval mode, checkpoint or None): from our checkpoint (a path or dict), an official
+    one (`arch` names it), the released weights (pretrained) or the initial ones; overrides on top."""
+    obj, arch = checkpoint_and_arch(checkpoint, arch)
     options = {**(obj['model_config'] if is_ours(obj) else {}), **overrides}
     if pretrained:                            # with the released classifier's class count
         if arch not in locvit.PRETRAINED:
@@ -78,11 +83,7 @@ def load_model(checkpoint=None, arch=None, weights='model', pretrained=False, **
 def setup(args):
     """-> (checkpoint, the validation data's train.Config, model), the data's settings and a new
     model's size (image; patch for ViTs) as train.py makes them, after the checkpoint's and the flags."""
-    checkpoint = locvit.read_checkpoint(args.checkpoint) if args.checkpoint else None
-    arch = args.arch or (checkpoint.get('arch') if isinstance(checkpoint, Mapping) else None)
-    if not arch:
-        raise ValueError(NO_ARCH)
-    arch = locvit.model_name(arch)
+    checkpoint, arch = checkpoint_and_arch(args.checkpoint, args.arch)
     saved = (checkpoint.get('config') or {}) if is_ours(checkpoint) else {}
     given = {k: getattr(args, k) for k in ('data', 'data_path', 'num_classes', 'synthetic_val', 'seed',
                                            'batch_size', 'workers') if getattr(args, k, None) is not None}
@@ -121,8 +122,7 @@ def run_accuracy(args):
         model = locvit.fuse_batchnorm(model.to(device))     # BN folded into the convs: exact
         stats = train.evaluate(model, loader, device, {'fp32': 'off'}.get(args.dtype, args.dtype), cfg)
     finally:
-        if train.is_distributed():
-            torch.distributed.destroy_process_group()
+        train.is_distributed() and torch.distributed.destroy_process_group()
     source = f'{args.weights} weights of {args.checkpoint}' if args.checkpoint else 'released weights'
     log(f'{model.arch}, {source}: {cfg.data} data, {len(classes)} classes, {cfg.img_size} px, '
         f'{args.dtype}, {world} process(es) on {device.type}')
@@ -470,24 +470,19 @@ def run_analysis(args):
 def memory(device, reset=False):
     """Bytes in use (reset: the peak restarts) or the peak since: CUDA's, or this process's RSS."""
     if device.type == 'cuda':
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
+        reset and torch.cuda.reset_peak_memory_stats(device)
         return (torch.cuda.memory_allocated if reset else torch.cuda.max_memory_allocated)(device)
     try:
-        if reset:
-            with open('/proc/self/clear_refs', 'w') as f:
-                f.write('5')
-        with open('/proc/self/status') as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(('VmHWM:', 'VmRSS:')[reset]))
+        reset and pathlib.Path('/proc/self/clear_refs').write_text('5')
+        return next(int(line.split()[1]) * 1024 for line in pathlib.Path('/proc/self/status').read_text().splitlines()
+                    if line.startswith(('VmHWM:', 'VmRSS:')[reset]))
     except OSError:                           # no /proc: the peak since the process started
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(model, batch_size, img_size, device, dtype='fp32', compile=False, min_run_time=1.0, warmup=2):
-    """-> {'forward', 'train': images/s, 'peak_mb': MB beyond the weights and the inputs}."""
-    from torch.utils import benchmark
-    device = torch.device(device)
+def workloads(model, batch_size, img_size, device, dtype='fp32', compile=False):
+    """-> (forward, step) on a random batch on a torch.device: inference (BN folded), a training step."""
     model = model.to(device)
     fused = locvit.fuse_batchnorm(copy.deepcopy(model))     # inference: BN folded into the convs
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
@@ -509,7 +504,13 @@ def measure(model, batch_size, img_size, device, dtype='fp32', compile=False, mi
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+    return forward, step
 
+
+def measure(model, batch_size, img_size, device, dtype='fp32', compile=False, min_run_time=1.0, warmup=2):
+    """-> {'forward', 'train': images/s, 'peak_mb': MB beyond the weights and the inputs}."""
+    from torch.utils import benchmark
+    forward, step = workloads(model, batch_size, img_size, device, dtype, compile)
     base, seconds = memory(device, reset=True), {}
     for key, fn in (('forward', forward), ('train', step)):
         for _ in range(warmup):               # compilation, autotuning, the optimizer's state
@@ -529,7 +530,7 @@ def bench_one(name, overrides, img_size, batch_size, device, dtype, compile, min
              else locvit.create_model(name, img_size=img_size, **overrides))
     macs = {} if timm else {'macs': locvit.count_macs(model)}
     return {'model': name, 'params': locvit.count_params(model), **macs,
-            **measure(model, batch_size, img_size, device, dtype, compile, min_run_time, warmup)}
+            **measure(model, batch_size, img_size, torch.device(device), dtype, compile, min_run_time, warmup)}
 
 
 def bench_in_child(spec):
@@ -673,8 +674,7 @@ def main(argv=None):
     args.arch = args.arch and locvit.model_name(args.arch)
     if args.pretrained and (args.checkpoint or not args.arch):
         raise ValueError(f'--pretrained needs --arch and no --checkpoint; released: {", ".join(locvit.PRETRAINED)}')
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.threads and torch.set_num_threads(args.threads)
     if args.zoo:
         print('| model | params | GMACs |\n|---|---:|---:|\n' + '\n'.join(
             f'| `{n}` | {locvit.count_params(m):,} | {locvit.count_macs(m) / 1e9:.3f} |'

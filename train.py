@@ -197,8 +197,9 @@ def parse_config(argv=None):
         raise TrainError(f'--data-fraction must lie in (0, 1], got {cfg.data_fraction}')
     try:
         n, m = cfg.randaug.split(',') if cfg.randaug != 'off' else (1, 0)
-        assert int(n) >= 1 and 0 <= float(m) <= 10
-    except (ValueError, AssertionError):
+        if not (int(n) >= 1 and 0 <= float(m) <= 10):       # not an assert: python -O drops those
+            raise ValueError
+    except ValueError:
         raise TrainError(f"--randaug takes 'N,M' (N ops per image, magnitude M on 0..10, e.g. 2,9 "
                          f"as DeiT) or 'off'; got {cfg.randaug!r}") from None
     weights = parse_diverse(cfg.diverse)
@@ -248,8 +249,9 @@ def parse_diverse(spec):
         seen.add(name)
         try:
             weights[name] = float(value) if has_weight else 1.0
-            assert math.isfinite(weights[name]) and weights[name] >= 0
-        except (ValueError, AssertionError):
+            if not (math.isfinite(weights[name]) and weights[name] >= 0):
+                raise ValueError
+        except ValueError:
             raise TrainError(f'--diverse: malformed weight in {part.strip()!r}: a weight is a '
                              f'number >= 0') from None
     return weights

@@ -1,7 +1,8 @@
 """Models side by side in ONE process, taking turns call by call: the ratios of their forward
 (eval mode, BatchNorms folded) and training-step (forward, backward, AdamW) speeds. On a shared
 machine whose speed drifts, turns within one process compare more fairly than the separate
-processes of `evaluate.py --benchmark` (which also measures peak memory, per process). Also the
+processes of `evaluate.py --benchmark` (which also measures peak memory, per process); the same
+calls (`evaluate.workloads`). Also the
 activations a training forward saves for backward, in MB (each storage once), and for models with
 LocalViT's LFF the same without its recomputation (`locvit.recompute` replaced by a plain call).
 
@@ -17,9 +18,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import evaluate  # noqa: E402
 import locvit  # noqa: E402
 
 
@@ -43,29 +44,18 @@ def main():
     p.add_argument('--rounds', type=int, default=5)
     args = p.parse_args()
     torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    y = torch.randint(0, 1000, (args.batch_size,))
-    train = {a: locvit.create_model(a, img_size=args.img_size) for a in args.models}
-    opts = {a: torch.optim.AdamW(m.parameters()) for a, m in train.items()}
-    infer = {a: locvit.fuse_batchnorm(locvit.create_model(a, img_size=args.img_size)) for a in args.models}
-
-    def step(a):
-        loss = F.cross_entropy(train[a](x), y)
-        opts[a].zero_grad()
-        loss.backward()
-        opts[a].step()
-
-    def forward(a):
-        with torch.inference_mode():
-            infer[a](x)
-
+    models = {a: locvit.create_model(a, img_size=args.img_size) for a in args.models}
+    calls = {a: dict(zip(('forward', 'train'), evaluate.workloads(m, args.batch_size, args.img_size,
+                                                                  torch.device('cpu'))))
+             for a, m in models.items()}
     times = {}
     for _ in range(args.rounds):
-        for kind, fn in (('forward', forward), ('train', step)):
+        for kind in ('forward', 'train'):
             for a in args.models:
-                fn(a)
+                fn = calls[a][kind]
+                fn()
                 start = time.perf_counter()
-                fn(a), fn(a)
+                fn(), fn()
                 times.setdefault((kind, a), []).append((time.perf_counter() - start) / 2)
     med = {k: statistics.median(v) for k, v in times.items()}
     first = args.models[0]
@@ -79,11 +69,12 @@ def main():
               f'{med[("forward", first)] / f:.2f} | {med[("train", first)] / t:.2f} |')
     print('\n| model | saved for backward (MB) | without the LFF\'s recomputation (MB) |\n|---|---:|---:|')
     for a in args.models:
-        saved = saved_mb(train[a], x)
-        lff = any(isinstance(m, locvit.LocalityFeedForward) for m in train[a].modules())
+        x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+        saved = saved_mb(models[a], x)
+        lff = any(isinstance(m, locvit.LocalityFeedForward) for m in models[a].modules())
         if lff:
             recompute, locvit.recompute = locvit.recompute, lambda module, fn, *inputs: fn(*inputs)
-            plain = saved_mb(train[a], x)
+            plain = saved_mb(models[a], x)
             locvit.recompute = recompute
         print(f'| `{a}` | {saved:.0f} | {f"{plain:.0f}" if lff else "–"} |')
 
