@@ -122,7 +122,8 @@ def run_accuracy(args):
         model = locvit.fuse_batchnorm(model.to(device))     # BN folded into the convs: exact
         stats = train.evaluate(model, loader, device, {'fp32': 'off'}.get(args.dtype, args.dtype), cfg)
     finally:
-        train.is_distributed() and torch.distributed.destroy_process_group()
+        if train.is_distributed():
+            torch.distributed.destroy_process_group()
     source = f'{args.weights} weights of {args.checkpoint}' if args.checkpoint else 'released weights'
     log(f'{model.arch}, {source}: {cfg.data} data, {len(classes)} classes, {cfg.img_size} px, '
         f'{args.dtype}, {world} process(es) on {device.type}')
@@ -470,10 +471,12 @@ def run_analysis(args):
 def memory(device, reset=False):
     """Bytes in use (reset: the peak restarts) or the peak since: CUDA's, or this process's RSS."""
     if device.type == 'cuda':
-        reset and torch.cuda.reset_peak_memory_stats(device)
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
         return (torch.cuda.memory_allocated if reset else torch.cuda.max_memory_allocated)(device)
     try:
-        reset and pathlib.Path('/proc/self/clear_refs').write_text('5')
+        if reset:
+            pathlib.Path('/proc/self/clear_refs').write_text('5')
         return next(int(line.split()[1]) * 1024 for line in pathlib.Path('/proc/self/status').read_text().splitlines()
                     if line.startswith(('VmHWM:', 'VmRSS:')[reset]))
     except OSError:                           # no /proc: the peak since the process started
@@ -674,7 +677,8 @@ def main(argv=None):
     args.arch = args.arch and locvit.model_name(args.arch)
     if args.pretrained and (args.checkpoint or not args.arch):
         raise ValueError(f'--pretrained needs --arch and no --checkpoint; released: {", ".join(locvit.PRETRAINED)}')
-    args.threads and torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.zoo:
         print('| model | params | GMACs |\n|---|---:|---:|\n' + '\n'.join(
             f'| `{n}` | {locvit.count_params(m):,} | {locvit.count_macs(m) / 1e9:.3f} |'

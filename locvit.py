@@ -341,15 +341,17 @@ def recompute(module, fn, *inputs):
 
     def run(*args):
         state = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
-        for bn in bns if runs else []:          # the second run: running stats unchanged
-            bn.momentum = 0.0
+        if runs:                                # the second run: running stats unchanged
+            for bn in bns:
+                bn.momentum = 0.0
         runs.append(1)
         try:
             return fn(*args)
         finally:
             for bn, (momentum, tracked) in zip(bns, state):
                 bn.momentum = momentum
-                bn.num_batches_tracked.copy_(tracked) if len(runs) > 1 else None
+                if len(runs) > 1:
+                    bn.num_batches_tracked.copy_(tracked)
     return torch.utils.checkpoint.checkpoint(run, *inputs, use_reentrant=False)
 
 

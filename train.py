@@ -294,8 +294,9 @@ def sync_buffers(*modules):
     """DDP sends rank 0's buffers to the others only at the start of each forward, so after the
     last step every rank holds BatchNorm statistics of its own. Before evaluating or saving,
     make every rank's buffers (the model's and the EMA's) rank 0's: the ones saved."""
-    for buffer in (b for m in modules for b in m.buffers()) if is_distributed() else []:
-        dist.broadcast(buffer, 0)
+    if is_distributed():
+        for buffer in (b for m in modules for b in m.buffers()):
+            dist.broadcast(buffer, 0)
 
 
 # ==================================================================================================
@@ -534,7 +535,9 @@ def normalize_erase(x, rng=random, re_prob=0.25):
     x = x.contiguous().float().sub_(mean).div_(torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1) * 255)
     H, W = x.shape[-2:]
     for img in x.view(-1, 3, H, W):
-        for _ in range(10 if rng.random() < re_prob else 0):    # 10 tries at a box that fits
+        if rng.random() >= re_prob:
+            continue
+        for _ in range(10):                                     # 10 tries at a box that fits
             area = rng.uniform(0.02, 1 / 3) * H * W
             aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
             h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
@@ -665,7 +668,7 @@ def build_split(cfg, split):
     root = os.path.join(cfg.data_path or '', split)
     if not cfg.data_path or not os.path.isdir(root):
         raise TrainError('--data folder needs --data-path DIR, a folder with train/ and val/ holding '
-                         'one sub-folder of images per class' + (f'; {root!r} does not exist' * bool(cfg.data_path)))
+                         'one sub-folder of images per class' + (f'; {root!r} does not exist' if cfg.data_path else ''))
     try:
         return ImageFolder(root, transform)
     except FileNotFoundError as e:          # no class folders, or a class folder without images
@@ -679,7 +682,8 @@ def select(dataset, num_classes, fraction):
         return dataset
     by_class = {}
     for i, t in enumerate(targets):
-        by_class.setdefault(t, []).append(i) if t < num_classes else None
+        if t < num_classes:
+            by_class.setdefault(t, []).append(i)
     keep = sorted(i for idx in by_class.values() for i in idx[:int(len(idx) * fraction)])
     subset = Subset(dataset, keep)
     subset.targets = [targets[i] for i in keep]
@@ -893,7 +897,7 @@ def train_one_epoch(model, loader, optimizer, schedule, cfg, device, epoch, crit
                                            [terms[k].detach().float() * n for k in diverse]))
         if not torch.isfinite(batch[0]):
             last = os.path.join(cfg.out, 'last.pt')
-            saved = (f'the last good checkpoint is {last} (epoch {torch.load(last, weights_only=True)["epoch"]})'
+            saved = (f'the last good checkpoint is {last} (epoch {locvit.read_checkpoint(last)["epoch"]})'
                      if os.path.exists(last) else 'no checkpoint was written yet')
             raise TrainError(f'the loss became {batch[0].item()} at epoch {epoch + 1}, step '
                              f'{schedule.step + 1}; {saved}; lower --lr, set --clip-grad 1.0 or use --amp off')
@@ -1080,7 +1084,8 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats(device)
         stats = train_one_epoch(model, train_loader, optimizer, schedule, cfg, device, epoch,
                                 criterion, batch_mix, scaler, ema, bar)
-        bar is not None and bar.close()
+        if bar is not None:
+            bar.close()
         sync_buffers(published(model), *([ema.module] if ema is not None else []))
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             for prefix, net in [('val', published(model))] + ([('ema', ema.module)] if ema else []):
