@@ -120,7 +120,7 @@ def run_accuracy(args):
                              f'on the data it was trained on (e.g. --data folder --data-path IMAGENET){fix}')
         loader = train.build_val_loader(cfg, val_set, rank, world, device)
         model = locvit.fuse_batchnorm(model.to(device))     # BN folded into the convs: exact
-        stats = train.evaluate(model, loader, device, {'fp32': 'off'}.get(args.dtype, args.dtype), cfg)
+        stats = train.evaluate(model, loader, device, {'fp32': 'off'}.get(args.dtype, args.dtype))
     finally:
         if train.is_distributed():
             torch.distributed.destroy_process_group()
@@ -138,18 +138,12 @@ def run_accuracy(args):
 #    the images; a class token's share is dropped (class_token_share), patch rows renormalised.
 
 def attention_map(attn, x, grid):
-    """The explicit attention weights (B, H, N, N) of module `attn` on its input x (B, N, C): for
-    locvit.Attention softmax(q k^T d^-1/2) (talking heads: mixed as the module mixes them); for
-    locvit.GPSA the paper's (1 - g_h) softmax(q k^T d^-1/2) + g_h P_h, g_h = sigmoid(λ_h), P_h the
-    positional attention on the grid, rows summing to 1. None without one global map (PVT, Swin)."""
-    if isinstance(attn, locvit.GPSA):
-        q, k = rearrange(attn.qk(x), 'b n (two h d) -> two b h n d', two=2, h=attn.num_heads)
-        content = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
-        g = rearrange(attn.gating_param.sigmoid(), 'h -> h 1 1')
-        return (1 - g) * content + g * attn.positional_attention(grid)
-    if isinstance(attn, locvit.Attention):
-        q, k, _ = rearrange(attn.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=attn.num_heads)
-        return attn.weights(q, k)
+    """The explicit attention weights (B, H, N, N) of module `attn` on its input x (B, N, C): the
+    module's own `attention(x, grid)` (locvit.Attention: softmax(q k^T d^-1/2), talking heads mixed;
+    locvit.GPSA: the paper's (1 - g_h) softmax(q k^T d^-1/2) + g_h P_h); None without one global
+    map (PVT's and Swin's attention)."""
+    if isinstance(attn, (locvit.GPSA, locvit.Attention)):
+        return attn.attention(x, grid)
     return None
 
 
@@ -637,8 +631,9 @@ def build_parser():
                    "once into torch hub's cache (default: off)")
     g.add_argument('--weights', choices=('model', 'ema'), default='model',
                    help="our checkpoint's model or EMA weights (default: model)")
-    train.add_model_flags(p.add_argument_group('model options', "train.py's model flags, on top of the "
-                                               "checkpoint's (default: the checkpoint's, else the published)"))
+    train.add_flags(p.add_argument_group('model options', "train.py's model flags, on top of the "
+                                               "checkpoint's (default: the checkpoint's, else the published)"),
+                    train.model_flags())
     g = p.add_argument_group('data', "train.py's data flags (default: our checkpoint's, else train.py's)")
     train.add_flags(g, ('data', 'data_path', 'num_classes', 'synthetic_val', 'seed', 'workers'))
     g.add_argument('--batch-size', type=int, metavar='B', help="per process (default: the data's; benchmark: 32)")

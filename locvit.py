@@ -18,8 +18,8 @@ Read it top to bottom, in the papers' order; every piece uses only what is above
                         patch-grid CutMix, and the over-smoothing curve (patch_similarity)
                         -- Gong et al. 2021, "Vision Transformers with Patch Diversification"
   Appendix A            LocalViT's LFF in four more transformers: PVT, Swin, TNT, T2T-ViT
-  Appendix B            the model zoo: create_model(name, pretrained=False, **overrides)
-  Appendix C            checkpoints: ours, timm's and the official releases; released weights
+  Appendix B            checkpoints: ours, timm's and the official releases; released weights
+  Appendix C            the model zoo: create_model(name, pretrained=False, **overrides)
   Appendix D            measuring: count_params, count_macs
 
 Shapes: B batch, N tokens, C (= D) width, H heads, d = C/H head width, h x w the patch grid.
@@ -40,7 +40,6 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from einops import rearrange
 
 # ==================================================================================================
@@ -108,8 +107,10 @@ def init_pycls(model):
     stem's last 1x1, xavier-uniform attention and MLP weights, a zero head, zero class token."""
     for name, m in model.named_modules():
         if name.endswith('patch_embed.proj'):   # the conv stem's last 1x1, or the patchify conv
-            std = math.sqrt((2.0 / m.out_channels) if m.kernel_size == (1, 1) else 1 / m.weight[0].numel())
-            (nn.init.normal_ if m.kernel_size == (1, 1) else nn.init.trunc_normal_)(m.weight, std=std)
+            if m.kernel_size == (1, 1):
+                nn.init.normal_(m.weight, std=math.sqrt(2.0 / m.out_channels))
+            else:                               # lecun normal: std sqrt(1 / fan_in)
+                nn.init.trunc_normal_(m.weight, std=math.sqrt(1 / m.weight[0].numel()))
             nn.init.zeros_(m.bias)
         elif name.endswith(('attn.qkv', '.fc1', '.fc2')):
             nn.init.xavier_uniform_(m.weight)
@@ -190,9 +191,9 @@ class Attention(nn.Module):
         self.num_heads, self.talking_heads = num_heads, talking_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        if talking_heads:
-            self.proj_l = nn.Linear(num_heads, num_heads)   # mixes the logits of the heads
-            self.proj_w = nn.Linear(num_heads, num_heads)   # mixes the attention weights
+        if talking_heads:                       # no biases: a bias after the softmax changes the map
+            self.proj_l = nn.Linear(num_heads, num_heads, bias=False)   # mixes the heads' logits
+            self.proj_w = nn.Linear(num_heads, num_heads, bias=False)   # mixes their weights
 
     def weights(self, q, k):
         """softmax(q k^T / sqrt(d)) (B, H, N, N), explicitly; talking heads mix the heads' logits
@@ -200,12 +201,20 @@ class Attention(nn.Module):
         logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
         if not self.talking_heads:
             return logits.softmax(dim=-1)
-        mix = lambda lin, t: rearrange(lin(rearrange(t, 'b h i j -> b i j h')), 'b i j h -> b h i j')
-        return mix(self.proj_w, mix(self.proj_l, logits).softmax(dim=-1))
+        logits = torch.einsum('bhij,gh->bgij', logits, self.proj_l.weight)      # head g <- heads h
+        return torch.einsum('bhij,gh->bgij', logits.softmax(dim=-1), self.proj_w.weight)
+
+    def attention(self, x, grid=None):
+        """The attention map (B, H, N, N) of tokens x (B, N, C)."""
+        q, k, _ = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads)
+        return self.weights(q, k)
 
     def forward(self, x, grid=None):            # (B, N, C) -> (B, N, C)
         q, k, v = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads)
-        out = self.weights(q, k) @ v if self.talking_heads else F.scaled_dot_product_attention(q, k, v)
+        if self.talking_heads:                  # the explicit form: SDPA cannot mix the heads
+            out = self.weights(q, k) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(rearrange(out, 'b h n d -> b n (h d)'))
 
 
@@ -261,7 +270,15 @@ class GPSA(nn.Module):
         # far keys get float32 subnormals, which make CPU matmuls ~10x slower and change nothing
         return pos.masked_fill(pos < torch.finfo(pos.dtype).tiny, 0.0)
 
-    def forward(self, x, grid):                 # (B, h*w, C) -> (B, h*w, C)
+    def attention(self, x, grid):
+        """The paper's map A = (1 - g) softmax(q k^T / sqrt(d)) + g softmax(pos_proj(r)), (B, H, N, N):
+        forward(x) = proj(A @ v), computed explicitly (for analysis and teaching)."""
+        q, k = rearrange(self.qk(x), 'b n (two h d) -> two b h n d', two=2, h=self.num_heads)
+        content = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        g = rearrange(self.gating_param.sigmoid(), 'h -> h 1 1')
+        return (1 - g) * content + g * self.positional_attention(grid)
+
+    def forward(self, x, grid):                 # (B, h*w, C) -> (B, h*w, C): the same, fused
         q, k = rearrange(self.qk(x), 'b n (two h d) -> two b h n d', two=2, h=self.num_heads)
         v = rearrange(self.v(x), 'b n (h d) -> b h n d', h=self.num_heads)
         g = rearrange(self.gating_param.sigmoid(), 'h -> h 1 1')
@@ -333,62 +350,44 @@ class ECA(nn.Module):
         return x * rearrange(s, 'b 1 c -> b c 1 1')
 
 
-def recompute(module, fn, *inputs):
-    """fn(*inputs) (a part of `module`) keeping only `inputs` for backward, which reruns fn
-    (torch.utils.checkpoint); `module`'s BatchNorms update their running statistics in the first run only."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    runs = []
-
-    def run(*args):
-        state = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
-        if runs:                                # the second run: running stats unchanged
-            for bn in bns:
-                bn.momentum = 0.0
-        runs.append(1)
-        try:
-            return fn(*args)
-        finally:
-            for bn, (momentum, tracked) in zip(bns, state):
-                bn.momentum = momentum
-                if len(runs) > 1:
-                    bn.num_batches_tracked.copy_(tracked)
-    return torch.utils.checkpoint.checkpoint(run, *inputs, use_reentrant=False)
-
-
 class LocalityFeedForward(nn.Module):
     """LocalViT's locality feed-forward; the residual lives inside, there is no norm before it.
     forward(x, grid): x (B, n_prefix + h*w, C); the n_prefix leading tokens (a class token) pass
-    unchanged. kernel_size 1 removes the locality alone (an ablation). Training keeps only the input
-    for backward (the expanded maps are recomputed: a fifth of the memory, about the same speed).
-    Needs torch, einops, seq2img, img2seq, make_act (ACTIVATIONS), SqueezeExcite, ECA and recompute."""
+    unchanged. kernel_size 1 removes the locality alone (an ablation).
+    Needs torch, einops, seq2img, img2seq, make_act (ACTIVATIONS), SqueezeExcite and ECA."""
 
     def __init__(self, dim, expand_ratio=4.0, act='hswish', channel_attn='se', reduction=4, kernel_size=3):
         super().__init__()
         hidden = int(dim * expand_ratio)
-        if channel_attn not in ('se', 'eca', 'none', None):
-            raise ValueError(f"unknown channel_attn {channel_attn!r}; choose 'se', 'eca' or 'none'")
         self.conv1 = nn.Conv2d(dim, hidden, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(hidden)
         self.dwconv = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden,
                                 bias=False)
         self.bn2 = nn.BatchNorm2d(hidden)
-        self.se = {'se': lambda: SqueezeExcite(hidden, reduction), 'eca': lambda: ECA(hidden)}.get(
-            channel_attn, nn.Identity)()
+        if channel_attn == 'se':
+            self.se = SqueezeExcite(hidden, reduction)
+        elif channel_attn == 'eca':
+            self.se = ECA(hidden)
+        elif channel_attn in ('none', None):
+            self.se = nn.Identity()
+        else:
+            raise ValueError(f"unknown channel_attn {channel_attn!r}; choose 'se', 'eca' or 'none'")
         self.conv2 = nn.Conv2d(hidden, dim, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(dim)
         self.act = make_act(act)
 
+    def branch(self, y):                        # the inverted residual, on the map (B, C, h, w)
+        z = self.act(self.bn1(self.conv1(y)))
+        z = self.se(self.act(self.bn2(self.dwconv(z))))
+        return self.bn3(self.conv2(z))
+
     def forward(self, x, grid):                 # (B, n_prefix + h*w, C) -> same
         n = grid[0] * grid[1]
         prefix, y = x[:, :x.shape[1] - n], seq2img(x[:, -n:], grid)     # (B, C, h, w), a view
-
-        def branch(y):
-            z = self.act(self.bn1(self.conv1(y)))
-            z = self.se(self.act(self.bn2(self.dwconv(z))))
-            return self.bn3(self.conv2(z))
-        train = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        y = img2seq(y + (recompute(self, branch, y) if train else branch(y)))
-        return torch.cat([prefix, y], dim=1) if prefix.shape[1] else y
+        y = img2seq(y + self.branch(y))
+        if prefix.shape[1]:                     # the class token rejoins, unchanged
+            return torch.cat([prefix, y], dim=1)
+        return y
 
 
 @torch.no_grad()
@@ -440,7 +439,43 @@ def feed_forward(dim, ratio, lff=None):
     return Mlp(dim, int(dim * ratio)) if lff is None else LocalityFeedForward(dim, ratio, **lff)
 
 
-class VisionTransformer(nn.Module):
+class Backbone(nn.Module):
+    """What every model of the zoo shares: its size, the input check, and the class-token head
+    (a model without a class token overrides forward_head). A subclass defines forward_features,
+    `grid` (the final patch grid) and, where it learns position embeddings, pos_embed_grids."""
+
+    def __init__(self, img_size, in_chans, num_classes):
+        super().__init__()
+        self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
+        if min(self.img_size) < 1 or in_chans < 1 or num_classes < 1:
+            raise ValueError(f'img_size {img_size}, in_chans {in_chans} and num_classes {num_classes} must be '
+                             f'positive')
+
+    def pos_embed_grids(self):
+        """{state-dict key: (class-token slots, grid)} of every learned position embedding."""
+        return {}
+
+    def check_input(self, x):
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f'expected images (B, {self.in_chans}, H, W), got {tuple(x.shape)}; '
+                             f'build the model with in_chans={x.shape[1] if x.ndim == 4 else "?"}')
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f'the model was built for {self.img_size[0]}x{self.img_size[1]} images, got '
+                             f'{x.shape[-2]}x{x.shape[-1]}; resize the input, or build the model with '
+                             f'img_size={tuple(x.shape[-2:])} and load the checkpoint into it (position '
+                             f'embeddings are resized)')
+
+    def join_cls(self, x):
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+
+    def forward_head(self, x):
+        return self.head(x[:, 0])
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+class VisionTransformer(Backbone):
     """DeiT and ViT_P; ViT_C with conv_stem={'channels': ..., 'strides': ...}; ConViT with
     local_up_to_layer > 0 (gpsa: GPSA's options, locality_strength and local_init); LocalViT with
     lff={...} (LocalityFeedForward's options). Each option goes to the one module that uses it."""
@@ -448,8 +483,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=None, in_chans=3, num_classes=1000, embed_dim=192, depth=12,
                  num_heads=3, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, conv_stem=None,
                  local_up_to_layer=0, gpsa=None, lff=None, talking_heads=False, init='deit'):
-        super().__init__()
-        self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
+        super().__init__(img_size, in_chans, num_classes)
         if conv_stem is not None:               # ViT_C; strides 2 each unless given
             channels = conv_stem['channels']
             strides = tuple(conv_stem.get('strides') or (2,) * len(channels))
@@ -464,9 +498,13 @@ class VisionTransformer(nn.Module):
         self.grid = (self.img_size[0] // p, self.img_size[1] // p)
         if not 0 <= local_up_to_layer <= depth:
             raise ValueError(f'local_up_to_layer {local_up_to_layer} must lie in [0, depth={depth}]')
+        if gpsa and local_up_to_layer == 0:
+            raise ValueError(f'gpsa={gpsa} sets GPSA blocks, and this model has none; add local_up_to_layer=L '
+                             f'(GPSA in the first L blocks)')
         self.cls_at = local_up_to_layer           # the block before which the class token joins
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.grid) + (self.cls_at == 0), embed_dim))
+        cls_slots = 1 if self.cls_at == 0 else 0  # pos_embed covers the tokens of block 0
+        self.pos_embed = nn.Parameter(torch.zeros(1, cls_slots + math.prod(self.grid), embed_dim))
         dpr = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList([Block(     # GPSA in blocks 0 .. local_up_to_layer - 1
             embed_dim, GPSA(embed_dim, num_heads, qkv_bias, **(gpsa or {})) if i < local_up_to_layer
@@ -486,21 +524,7 @@ class VisionTransformer(nn.Module):
                 m.init_local()
 
     def pos_embed_grids(self):
-        """{state-dict key: (class-token slots, grid)} of every learned position embedding."""
-        return {'pos_embed': (int(self.cls_at == 0), self.grid)}
-
-    def check_input(self, x):
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f'expected images (B, {self.in_chans}, H, W), got {tuple(x.shape)}; '
-                             f'build the model with in_chans={x.shape[1] if x.ndim == 4 else "?"}')
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f'the model was built for {self.img_size[0]}x{self.img_size[1]} images, got '
-                             f'{x.shape[-2]}x{x.shape[-1]}; resize the input, or build the model with '
-                             f'img_size={tuple(x.shape[-2:])} and load the checkpoint into it (position '
-                             f'embeddings are resized)')
-
-    def join_cls(self, x):
-        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return {'pos_embed': (self.pos_embed.shape[1] - math.prod(self.grid), self.grid)}
 
     def forward_features(self, x, return_layers=False):
         """Tokens after the final norm (B, 1 + h*w, C), class token first. With return_layers,
@@ -515,16 +539,10 @@ class VisionTransformer(nn.Module):
                 x = self.join_cls(x)
             x = block(x, self.grid)
             layers.append(x)
-        if self.cls_at == len(self.blocks) > 0:
+        if self.cls_at > 0 and self.cls_at == len(self.blocks):     # after the last block
             x = self.join_cls(x)
         x = self.norm(x)
         return (x, layers) if return_layers else x
-
-    def forward_head(self, x):
-        return self.head(x[:, 0])
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
 
 
 # ==================================================================================================
@@ -538,8 +556,9 @@ class VisionTransformer(nn.Module):
 #      mixing       CutMix on the patch grid, every patch labelled with the image it came from;
 #                   L_mix = (1/n) Σ_i CE(head_patch(h^L_i), y_i)
 #    The mean |cosine| measured on every layer is the over-smoothing curve (patch_similarity).
-#    The released code's variants (a 3-way contrastive loss, a region-mean mixing loss) sit beside
-#    the paper's. Plain functions on token tensors; the training script weighs and adds them.
+#    The released code's variants (a 3-way contrastive loss; its own patch mix on top of MixUp /
+#    CutMix, with a region-mean mixing loss on soft targets) sit beside the paper's. Plain
+#    functions on token tensors; the training script weighs and adds them.
 # ==================================================================================================
 
 def patch_tokens(layer, grid):
@@ -672,24 +691,53 @@ def patch_mixing_loss(patch_logits, patch_labels):
                            rearrange(patch_labels, 'b n -> (b n)'))
 
 
-def region_mixing_loss(head, patches, patch_labels, mask):
-    """The released code's form of the mixing loss: average the patch tokens (B, n, C) of each
-    region (the pasted box, the rest; mask (n,) from patch_cutmix(..., return_mask=True)),
-    classify each region's mean with head, and weight each region's cross-entropy by its area:
-        L = Σ_r (|r| / n) CE(head(mean_{i∈r} h_i), y_r).
-    (The released code also puts a dropout of 0.2 before the head.) Needs torch and einops."""
+def released_patch_mix(images, targets, grid, patch_size, generator=None):
+    """The released code's patch mix (PatchVisionTransformer, deit/engine.py), applied after the batch's
+    MixUp / CutMix: a rectangle of patches keeps each image, the rest comes from a permuted batch. The
+    rectangle covers a = ⌊λ h w⌋ patches, λ ~ U(0, 1), in a random shape: r rows, r drawn in [1,
+    max(1, min(h, a) - 1)], and a // r columns (at most w, then r = a // w), at a uniform position.
+    images (B, C, h*P, w*P), targets (B, K) probabilities (soft, already mixed). ->
+      mixed images; targets s t + (1 - s) t[perm], s the rectangle's share of the grid;
+      region targets (B, 2, K) = [t, t[perm]] (the rectangle, the rest); mask (h*w,) bool, True inside.
+    The draws come from `generator` or torch's global one. Needs torch and einops."""
+    (h, w), p = grid, patch_size
+    if images.ndim != 4 or tuple(images.shape[-2:]) != (h * p, w * p) or targets.shape[:1] != images.shape[:1]:
+        raise ValueError(f'images {tuple(images.shape)} and targets {tuple(targets.shape)} do not fit a {h}x{w} '
+                         f'grid of {p}-pixel patches: expected (B, C, {h * p}, {w * p}) and (B, K)')
+    rng = random.Random(int(torch.randint(2 ** 62, (), generator=generator)))
+    area = int(h * w * rng.random())
+    rows = rng.randint(1, max(1, min(h, area) - 1))
+    cols = area // rows
+    if cols > w:
+        cols, rows = w, area // w
+    top, left = rng.randint(0, max(0, h - rows)), rng.randint(0, max(0, w - cols))
+    box = torch.zeros(h, w, dtype=torch.bool, device=images.device)
+    box[top:top + rows, left:left + cols] = True
+    perm = torch.randperm(len(images), generator=generator).to(images.device)
+    pixels = box.repeat_interleave(p, 0).repeat_interleave(p, 1)
+    mixed = torch.where(pixels, images, images[perm])
+    share = box.float().mean()
+    return (mixed, share * targets + (1 - share) * targets[perm],
+            torch.stack([targets, targets[perm]], dim=1), rearrange(box, 'h w -> (h w)'))
+
+
+def region_mixing_loss(head, patches, region_targets, mask):
+    """The released code's form of the mixing loss: average the patch tokens (B, n, C) of each region
+    (mask (n,) True: the rectangle of released_patch_mix; False: the rest), classify each region's
+    mean with head, and score it against the region's soft targets (B, 2, K) by KL divergence,
+    weighted by the region's area:  L = Σ_r (|r| / n) KL(p_r ‖ softmax(head(mean_{i∈r} h_i))).
+    (The released code puts a dropout of 0.2 in `head`.) Needs torch."""
     b, n = patches.shape[:2] if patches.ndim == 3 else (None, None)
-    if n is None or patch_labels.shape != (b, n) or mask.shape != (n,) or mask.dtype != torch.bool:
-        raise ValueError(f'expected patch tokens (B, n, C), patch labels (B, n) and a bool mask '
-                         f'(n,), got {tuple(patches.shape)}, {tuple(patch_labels.shape)} and '
+    if n is None or region_targets.shape[:2] != (b, 2) or mask.shape != (n,) or mask.dtype != torch.bool:
+        raise ValueError(f'expected patch tokens (B, n, C), region targets (B, 2, K) and a bool mask '
+                         f'(n,), got {tuple(patches.shape)}, {tuple(region_targets.shape)} and '
                          f'{mask.dtype} {tuple(mask.shape)}')
-    regions = torch.stack([~mask, mask]).to(patches.dtype)                 # (2, n)
+    regions = torch.stack([mask, ~mask]).to(patches.dtype)                 # (2, n)
     size = regions.sum(dim=1)
     means = regions @ patches / size.clamp(min=1)[:, None]                 # (B, 2, C)
-    labels = patch_labels[:, regions.argmax(dim=1)]                        # (B, 2): any patch's
-    ce = F.cross_entropy(rearrange(head(means), 'b r k -> (b r) k'),
-                         rearrange(labels, 'b r -> (b r)'), reduction='none')
-    return (rearrange(ce, '(b r) -> b r', r=2) * size / n).sum(dim=1).mean()
+    log_q = F.log_softmax(head(means).float(), dim=-1)                     # (B, 2, K)
+    kl = F.kl_div(log_q, region_targets.float(), reduction='none').sum(-1).mean(0)    # (2,)
+    return (kl * size / n).sum()
 
 
 # ==================================================================================================
@@ -703,34 +751,20 @@ def region_mixing_loss(head, patches, patch_labels, mask):
 #    for TNT and T2T-ViT the (outer) patch tokens of every block, as in the ViT.
 # ==================================================================================================
 
-class Backbone(nn.Module):
-    """What the four families share with VisionTransformer: the input check, the class-token head
-    (Swin, without a class token, overrides it), and no learned position embedding by default."""
-    check_input, join_cls = VisionTransformer.check_input, VisionTransformer.join_cls
-    forward_head = VisionTransformer.forward_head
-    forward = VisionTransformer.forward
+def finish(model, dim, eps, *tables):
+    """A backbone's final norm and head, then DeiT's init; the learned tables trunc_normal(.02)."""
+    model.norm, model.head = nn.LayerNorm(dim, eps=eps), nn.Linear(dim, model.num_classes)
+    model.apply(init_deit)
+    for t in tables:
+        nn.init.trunc_normal_(t, std=0.02)
 
-    def __init__(self, img_size, in_chans, num_classes):
-        super().__init__()
-        self.img_size, self.in_chans, self.num_classes = pair(img_size), in_chans, num_classes
 
-    def finish(self, dim, eps, *tables):
-        """The final norm and the head, then DeiT's init; the learned tables trunc_normal(.02)."""
-        self.norm, self.head = nn.LayerNorm(dim, eps=eps), nn.Linear(dim, self.num_classes)
-        self.apply(init_deit)
-        for t in tables:
-            nn.init.trunc_normal_(t, std=0.02)
-
-    def pos_embed_grids(self):
-        return {}
-
-    @staticmethod
-    def run_blocks(blocks, x, grid):
-        """-> the last output and [x, every block's output]."""
-        layers = [x]
-        for block in blocks:
-            layers.append(block(layers[-1], grid))
-        return layers[-1], layers
+def run_blocks(blocks, x, grid):
+    """-> the last output and [x, every block's output]."""
+    layers = [x]
+    for block in blocks:
+        layers.append(block(layers[-1], grid))
+    return layers[-1], layers
 
 
 def with_reduction(lff, reduction):
@@ -803,17 +837,20 @@ class PVT(Backbone):
         dprs = torch.linspace(0, drop_path, sum(depths)).split(list(depths))    # per stage
         self.stages = nn.ModuleList([PVTStage(     # the last stage's tokens: class token + h*w
             embed_dims[i - 1] if i else in_chans, dim, 2 if i else patch_size,
-            (i == len(depths) - 1) + math.prod(self.stage_grid(i)), num_heads[i], mlp_ratios[i],
+            self.cls_slots(i) + math.prod(self.stage_grid(i)), num_heads[i], mlp_ratios[i],
             sr_ratios[i], qkv_bias, dp.tolist(), lff) for i, (dim, dp) in enumerate(zip(embed_dims, dprs))])
-        self.finish(embed_dims[-1], 1e-6, self.cls_token, *[stage.pos_embed for stage in self.stages])
+        finish(self, embed_dims[-1], 1e-6, self.cls_token, *[stage.pos_embed for stage in self.stages])
 
     def stage_grid(self, i):
         """Stage i's grid: 2^(stages - 1 - i) x the final one."""
         return tuple(s * 2 ** (self.num_stages - 1 - i) for s in self.grid)
 
+    def cls_slots(self, i):
+        """The class token joins in the last stage only."""
+        return 1 if i == self.num_stages - 1 else 0
+
     def pos_embed_grids(self):
-        return {f'stages.{i}.pos_embed': (int(i == self.num_stages - 1), self.stage_grid(i))
-                for i in range(self.num_stages)}
+        return {f'stages.{i}.pos_embed': (self.cls_slots(i), self.stage_grid(i)) for i in range(self.num_stages)}
 
     def forward_features(self, x, return_layers=False):
         """(B, 1 + h*w, C) after the final norm, class token first; layers: the last stage's."""
@@ -822,7 +859,7 @@ class PVT(Backbone):
             last = i == self.num_stages - 1
             x, grid = stage.patch_embed(x)      # map -> tokens (B, h*w, C)
             x = (self.join_cls(x) if last else x) + stage.pos_embed      # the class token joins last
-            x, layers = self.run_blocks(stage.blocks, x, grid)
+            x, layers = run_blocks(stage.blocks, x, grid)
             x = x if last else seq2img(x, grid)     # tokens -> map for the next stage
         x = self.norm(x)
         return (x, layers) if return_layers else x
@@ -929,7 +966,7 @@ class Swin(Backbone):
                                          mlp_ratio, qkv_bias, dp.tolist(), lff, downsample=not last))
             grid = grid if last else ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
         self.grid = grid
-        self.finish(embed_dim * 2 ** (len(depths) - 1), 1e-5, *[
+        finish(self, embed_dim * 2 ** (len(depths) - 1), 1e-5, *[
             m.relative_position_bias_table for m in self.modules() if isinstance(m, WindowAttention)])
 
     def forward_features(self, x, return_layers=False):
@@ -937,7 +974,7 @@ class Swin(Backbone):
         self.check_input(x)
         x, grid = self.patch_embed(x)
         for stage in self.stages:
-            x, layers = self.run_blocks(stage.blocks, x, grid)
+            x, layers = run_blocks(stage.blocks, x, grid)
             if stage.downsample is not None:
                 x, grid = stage.downsample(x, grid)
         x = self.norm(x)
@@ -992,7 +1029,7 @@ class TNT(Backbone):
         self.blocks = nn.ModuleList([
             TNTBlock(embed_dim, in_dim, p * p, num_heads, in_num_heads, mlp_ratio, qkv_bias, dp, lff)
             for dp in torch.linspace(0, drop_path, depth).tolist()])
-        self.finish(embed_dim, 1e-5, self.cls_token, self.patch_pos, self.pixel_pos)
+        finish(self, embed_dim, 1e-5, self.cls_token, self.patch_pos, self.pixel_pos)
 
     def pos_embed_grids(self):                  # pixel_pos does not depend on the image size
         return {'patch_pos': (1, self.grid)}
@@ -1098,124 +1135,20 @@ class T2TViT(Backbone):
             Block(embed_dim, Attention(embed_dim, num_heads, qkv_bias),
                   feed_forward(embed_dim, mlp_ratio, lff), dp, eps=1e-5)
             for dp in torch.linspace(0, drop_path, depth).tolist()])
-        self.finish(embed_dim, 1e-5, self.cls_token)
+        finish(self, embed_dim, 1e-5, self.cls_token)
 
     def forward_features(self, x, return_layers=False):
         """(B, 1 + h*w, C) after the final norm, class token first; layers as the ViT's."""
         self.check_input(x)
         x, grid = self.tokens_to_token(x)
         x = self.join_cls(x) + self.pos_embed
-        x, layers = self.run_blocks(self.blocks, x, grid)
+        x, layers = run_blocks(self.blocks, x, grid)
         x = self.norm(x)
         return (x, layers) if return_layers else x
 
 
 # ==================================================================================================
-# Appendix B. The model zoo: names -> configurations (the papers' published models)
-# ==================================================================================================
-
-def _vit(**cfg):
-    return (VisionTransformer, cfg)
-
-
-_CONVIT = dict(local_up_to_layer=10, qkv_bias=False)
-_PYCLS = dict(init='pycls')
-_STEM_18GF = dict(channels=(64, 128, 128, 256, 256, 512), strides=(2, 2, 1, 2, 1, 2))
-_PVT_T = dict(patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8),
-              mlp_ratios=(8, 8, 4, 4), depths=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1), qkv_bias=True)
-_SWIN_T = dict(patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
-               window_size=7, mlp_ratio=4.0, qkv_bias=True)
-_TNT_T = dict(patch_size=16, embed_dim=192, in_dim=12, depth=12, num_heads=3, in_num_heads=3,
-              mlp_ratio=4.0, qkv_bias=False, first_stride=4)
-_T2T_7 = dict(embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0, token_dim=64, qkv_bias=False)
-
-MODELS = {
-    # DeiT (Touvron et al. 2021); S24/B24 are the deeper models of the over-smoothing paper
-    'deit_t': _vit(embed_dim=192, depth=12, num_heads=3),
-    'deit_s': _vit(embed_dim=384, depth=12, num_heads=6),
-    'deit_b': _vit(embed_dim=768, depth=12, num_heads=12),
-    'deit_s24': _vit(embed_dim=384, depth=24, num_heads=6),
-    'deit_b24': _vit(embed_dim=768, depth=24, num_heads=12),
-    'deit_t_mlp6': _vit(embed_dim=192, depth=12, num_heads=3, mlp_ratio=6),  # LocalViT Table 1
-    # ConViT (d'Ascoli et al. 2021): 10 GPSA blocks then 2 MHSA; "+" = 64 channels per head
-    'convit_t': _vit(embed_dim=192, depth=12, num_heads=4, **_CONVIT),
-    'convit_t_plus': _vit(embed_dim=256, depth=12, num_heads=4, **_CONVIT),
-    'convit_s': _vit(embed_dim=432, depth=12, num_heads=9, **_CONVIT),
-    'convit_s_plus': _vit(embed_dim=576, depth=12, num_heads=9, **_CONVIT),
-    'convit_b': _vit(embed_dim=768, depth=12, num_heads=16, **_CONVIT),
-    'convit_b_plus': _vit(embed_dim=1024, depth=12, num_heads=16, **_CONVIT),
-    # LocalViT (Li et al. 2021): SE reduction divides the expanded width (768 / 192 = 4 channels)
-    'localvit_t': _vit(embed_dim=192, depth=12, num_heads=4, lff=dict(reduction=192)),
-    'localvit_t_se4': _vit(embed_dim=192, depth=12, num_heads=4, lff=dict(reduction=4)),
-    'localvit_s': _vit(embed_dim=384, depth=12, num_heads=8, lff=dict(reduction=384)),
-    'localvit_t_relu6': _vit(embed_dim=192, depth=12, num_heads=4, mlp_ratio=6,
-                             lff=dict(act='relu6', channel_attn='none')),
-    # Early convolutions (Xiao et al. 2021): ViT_C drops one block to match ViT_P's FLOPs
-    'vit_p_1gf': _vit(embed_dim=192, depth=12, num_heads=3, mlp_ratio=3, **_PYCLS),
-    'vit_c_1gf': _vit(embed_dim=192, depth=11, num_heads=3, mlp_ratio=3, **_PYCLS,
-                      conv_stem=dict(channels=(24, 48, 96, 192), strides=(2, 2, 2, 2))),
-    'vit_p_4gf': _vit(embed_dim=384, depth=12, num_heads=6, mlp_ratio=3, **_PYCLS),
-    'vit_c_4gf': _vit(embed_dim=384, depth=11, num_heads=6, mlp_ratio=3, **_PYCLS,
-                      conv_stem=dict(channels=(48, 96, 192, 384), strides=(2, 2, 2, 2))),
-    'vit_p_18gf': _vit(embed_dim=768, depth=12, num_heads=12, **_PYCLS),
-    'vit_c_18gf': _vit(embed_dim=768, depth=11, num_heads=12, **_PYCLS, conv_stem=_STEM_18GF),
-    'vit_p_36gf': _vit(embed_dim=1024, depth=14, num_heads=16, **_PYCLS),
-    'vit_c_36gf': _vit(embed_dim=1024, depth=13, num_heads=16, **_PYCLS, conv_stem=_STEM_18GF),
-    # LocalViT beyond DeiT (appendix A): each backbone with its MLP, and with LocalViT's LFF
-    'pvt_t': (PVT, _PVT_T), 'localvit_pvt_t': (PVT, dict(_PVT_T, lff={})),
-    'swin_t': (Swin, _SWIN_T), 'localvit_swin_t': (Swin, dict(_SWIN_T, lff={})),
-    'tnt_t': (TNT, _TNT_T), 'localvit_tnt_t': (TNT, dict(_TNT_T, lff={})),
-    't2t_vit_7': (T2TViT, _T2T_7), 'localvit_t2t_7': (T2TViT, dict(_T2T_7, lff=dict(reduction=128))),
-}
-
-# timm's names for the models timm has
-ALIASES = {'deit_tiny_patch16_224': 'deit_t', 'deit_small_patch16_224': 'deit_s',
-           'deit_base_patch16_224': 'deit_b', 'convit_tiny': 'convit_t', 'convit_small': 'convit_s',
-           'convit_base': 'convit_b'}
-
-
-def list_models():
-    return sorted(MODELS)
-
-
-def model_name(name):
-    """Our name for a zoo name or timm's (ALIASES); an unknown one raises ValueError naming the closest."""
-    name = ALIASES.get(name, name)
-    if name not in MODELS:
-        close = difflib.get_close_matches(name, list(MODELS) + list(ALIASES), n=4, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ''
-        raise ValueError(f'unknown model {name!r}{hint} (list_models() gives all {len(MODELS)})')
-    return name
-
-
-def model_options(name):
-    """The overrides a zoo model accepts: its class's constructor arguments."""
-    return list(inspect.signature(MODELS[model_name(name)][0]).parameters)
-
-
-def create_model(name, pretrained=False, **overrides):
-    """Build a zoo model (our name or timm's); overrides (img_size, patch_size, num_classes, embed_dim,
-    depth, num_heads, drop_path, ...) replace the published configuration, and a dict option (lff, gpsa,
-    conv_stem) is merged into the published one: create_model('localvit_t', lff={'kernel_size': 1}) keeps
-    its SE. `patch_size` on a conv-stem model sets its total stride (its last stride-2 convolutions become
-    stride 1). pretrained=True loads the released weights (appendix C: PRETRAINED), resized to img_size,
-    with a new classifier for another class count. model.config: the full configuration (plain data)."""
-    name = model_name(name)
-    cls, cfg = MODELS[name]
-    unknown = [k for k in overrides if k not in model_options(name)]
-    if unknown:
-        raise ValueError(f'{name} has no option {", ".join(map(repr, unknown))}; '
-                         f'options: {", ".join(model_options(name))}')
-    cfg = dict(cfg)
-    for k, v in overrides.items():
-        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
-    model = cls(**cfg)
-    model.arch, model.config = name, cfg
-    return load_pretrained(model) if pretrained else model
-
-
-# ==================================================================================================
-# Appendix C. Checkpoints: ours, timm's (DeiT, ConViT: the same key names as ours), the official
+# Appendix B. Checkpoints: ours, timm's (DeiT, ConViT: the same key names as ours), the official
 #    releases (DeiT, ConViT, LocalViT with its PVT, Swin, TNT and T2T-ViT models, pycls's ViT_P /
 #    ViT_C), inside a {'model': ...} / {'model_state': ...} / {'state_dict': ...} wrapper or not.
 #    Each format is one table of key renames (and, where the tensors differ, one fix); the format
@@ -1224,20 +1157,28 @@ def create_model(name, pretrained=False, **overrides):
 
 def read_checkpoint(path):
     """torch.load with weights_only=True (tensors and plain data only; DeiT-style training checkpoints
-    also hold their argparse.Namespace) and one clear line for a missing, corrupt or unsafe file."""
+    also hold their argparse.Namespace) and one clear line for a missing, empty, corrupt or unsafe file."""
     import argparse
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f'checkpoint {path!r} is a folder; give the file in it (e.g. {os.path.join(path, "last.pt")})')
     if not os.path.isfile(path):
         raise ValueError(f'checkpoint {path!r} not found; check the path')
+    if os.path.getsize(path) == 0:
+        raise ValueError(f'checkpoint {path!r} is empty (0 bytes: an interrupted copy?); re-download or re-save it')
+    with open(path, 'rb') as f:
+        head = f.read(16)
+    if not head.startswith((b'PK', b'\x80')):    # a zip archive, or a legacy pickle
+        raise ValueError(f'checkpoint {path!r} is not a PyTorch file (it begins {head!r}); give a .pt/.pth '
+                         f'checkpoint, re-downloaded or re-saved')
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
+    except Exception as e:                  # pickle's, zip's, torch's or a text file's own errors
         found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:80]
         error = (f'refused: it holds a {found[1]} object, and only tensors and plain data are loaded '
-                 f'(for safety)' if found else f'unreadable (truncated or corrupt?): {str(e).splitlines()[-1][:80]}')
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        error = f'unreadable (truncated or corrupt?): {str(e).splitlines()[0][:80]}'
+                 f'(for safety)' if found else f'unreadable (not a PyTorch file, truncated or corrupt?): {reason}')
     raise ValueError(f'checkpoint {path!r} is {error}; re-download or re-save it')
 
 
@@ -1278,6 +1219,16 @@ def _t2t_fix(sd):                               # T2T-ViT: the performers split 
     return {k: v for k, v in sd.items() if not ('.norm2.' in k and k.split('.norm2.')[0] in with_lff)}
 
 
+def _pycls_fix(sd):                             # pycls: positions (N, 1, D) (main) or (1, N, D)
+    if sd['pos_embed'].shape[1] == 1:
+        sd['pos_embed'] = rearrange(sd['pos_embed'], 'n 1 c -> 1 n c')
+    # pycls trains on BGR images (its loader reads them with OpenCV): the first convolution's input
+    # channels are flipped so that the model takes RGB, as every other model here
+    first = 'patch_embed.convs.0.weight' if 'patch_embed.convs.0.weight' in sd else 'patch_embed.proj.weight'
+    sd[first] = sd[first].flip(1)
+    return sd
+
+
 _BLOCK = r'encoder\.block_(\d+)\.'
 # format: (a key only it has, [(pattern at the key's start, replacement)], a fix of the tensors)
 FORMATS = {
@@ -1287,12 +1238,13 @@ FORMATS = {
         (r'stem\.cstem(\d+)_conv\.', lambda m: f'patch_embed.convs.{3 * int(m[1])}.'),
         (r'stem\.cstem(\d+)_bn\.', lambda m: f'patch_embed.convs.{3 * int(m[1]) + 1}.'),
         (_BLOCK + r'ln_1\.', r'blocks.\1.norm1.'), (_BLOCK + r'ln_2\.', r'blocks.\1.norm2.'),
-        (_BLOCK + r'self_attention\.block\.in_proj_', r'blocks.\1.attn.qkv.'),
+        (_BLOCK + r'self_attention\.block\.in_proj_', r'blocks.\1.attn.qkv.'),     # main branch
         (_BLOCK + r'self_attention\.block\.out_proj\.', r'blocks.\1.attn.proj.'),
+        (_BLOCK + r'self_attention\.attn_proj\.', r'blocks.\1.attn.qkv.'),         # vitconfigs
+        (_BLOCK + r'self_attention\.out_proj\.', r'blocks.\1.attn.proj.'),
         (_BLOCK + r'mlp_block\.linear_1\.', r'blocks.\1.mlp.fc1.'),
         (_BLOCK + r'mlp_block\.linear_2\.', r'blocks.\1.mlp.fc2.'),
-        (r'encoder\.ln\.', 'norm.'), (r'head\.head_fc\.', 'head.')],
-        lambda sd: {**sd, 'pos_embed': rearrange(sd['pos_embed'], 'n 1 c -> 1 n c')}),
+        (r'encoder\.ln\.', 'norm.'), (r'head\.head_fc\.', 'head.')], _pycls_fix),
     'pvt': ('patch_embed1.proj.weight', [
         (r'patch_embed(\d)\.', _stage('patch_embed.')), (r'pos_embed(\d)$', _stage('pos_embed')),
         (r'block(\d)\.', _stage('blocks.'))], None),
@@ -1456,6 +1408,118 @@ def load_pretrained(model, source=None):
         print(f'{getattr(model, "arch", "model")}: the weights classify {theirs.shape[0]} classes; '
               f'a new classifier for {model.num_classes} (to be trained)')
     return load_checkpoint(model, obj, skip_head=new_head)
+
+
+# ==================================================================================================
+# Appendix C. The model zoo: names -> configurations (the papers' published models)
+# ==================================================================================================
+
+def _vit(**cfg):
+    return (VisionTransformer, cfg)
+
+
+_CONVIT = dict(local_up_to_layer=10, qkv_bias=False)
+_PYCLS = dict(init='pycls')
+_STEM_18GF = dict(channels=(64, 128, 128, 256, 256, 512), strides=(2, 2, 1, 2, 1, 2))
+_PVT_T = dict(patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8),
+              mlp_ratios=(8, 8, 4, 4), depths=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1), qkv_bias=True)
+_SWIN_T = dict(patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+               window_size=7, mlp_ratio=4.0, qkv_bias=True)
+_TNT_T = dict(patch_size=16, embed_dim=192, in_dim=12, depth=12, num_heads=3, in_num_heads=3,
+              mlp_ratio=4.0, qkv_bias=False, first_stride=4)
+_T2T_7 = dict(embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0, token_dim=64, qkv_bias=False)
+
+MODELS = {
+    # DeiT (Touvron et al. 2021); S24/B24 are the deeper models of the over-smoothing paper
+    'deit_t': _vit(embed_dim=192, depth=12, num_heads=3),
+    'deit_s': _vit(embed_dim=384, depth=12, num_heads=6),
+    'deit_b': _vit(embed_dim=768, depth=12, num_heads=12),
+    'deit_s24': _vit(embed_dim=384, depth=24, num_heads=6),
+    'deit_b24': _vit(embed_dim=768, depth=24, num_heads=12),
+    'deit_t_mlp6': _vit(embed_dim=192, depth=12, num_heads=3, mlp_ratio=6),  # LocalViT Table 1
+    # ConViT (d'Ascoli et al. 2021): 10 GPSA blocks then 2 MHSA; "+" = 64 channels per head
+    'convit_t': _vit(embed_dim=192, depth=12, num_heads=4, **_CONVIT),
+    'convit_t_plus': _vit(embed_dim=256, depth=12, num_heads=4, **_CONVIT),
+    'convit_s': _vit(embed_dim=432, depth=12, num_heads=9, **_CONVIT),
+    'convit_s_plus': _vit(embed_dim=576, depth=12, num_heads=9, **_CONVIT),
+    'convit_b': _vit(embed_dim=768, depth=12, num_heads=16, **_CONVIT),
+    'convit_b_plus': _vit(embed_dim=1024, depth=12, num_heads=16, **_CONVIT),
+    # LocalViT (Li et al. 2021): SE reduction divides the expanded width (768 / 192 = 4 channels)
+    'localvit_t': _vit(embed_dim=192, depth=12, num_heads=4, lff=dict(reduction=192)),
+    'localvit_t_se4': _vit(embed_dim=192, depth=12, num_heads=4, lff=dict(reduction=4)),
+    'localvit_s': _vit(embed_dim=384, depth=12, num_heads=8, lff=dict(reduction=384)),
+    'localvit_t_relu6': _vit(embed_dim=192, depth=12, num_heads=4, mlp_ratio=6,
+                             lff=dict(act='relu6', channel_attn='none')),
+    # Early convolutions (Xiao et al. 2021): ViT_C drops one block to match ViT_P's FLOPs
+    'vit_p_1gf': _vit(embed_dim=192, depth=12, num_heads=3, mlp_ratio=3, **_PYCLS),
+    'vit_c_1gf': _vit(embed_dim=192, depth=11, num_heads=3, mlp_ratio=3, **_PYCLS,
+                      conv_stem=dict(channels=(24, 48, 96, 192), strides=(2, 2, 2, 2))),
+    'vit_p_4gf': _vit(embed_dim=384, depth=12, num_heads=6, mlp_ratio=3, **_PYCLS),
+    'vit_c_4gf': _vit(embed_dim=384, depth=11, num_heads=6, mlp_ratio=3, **_PYCLS,
+                      conv_stem=dict(channels=(48, 96, 192, 384), strides=(2, 2, 2, 2))),
+    'vit_p_18gf': _vit(embed_dim=768, depth=12, num_heads=12, **_PYCLS),
+    'vit_c_18gf': _vit(embed_dim=768, depth=11, num_heads=12, **_PYCLS, conv_stem=_STEM_18GF),
+    'vit_p_36gf': _vit(embed_dim=1024, depth=14, num_heads=16, **_PYCLS),
+    'vit_c_36gf': _vit(embed_dim=1024, depth=13, num_heads=16, **_PYCLS, conv_stem=_STEM_18GF),
+    # LocalViT beyond DeiT (appendix A): each backbone with its MLP, and with LocalViT's LFF
+    'pvt_t': (PVT, _PVT_T), 'localvit_pvt_t': (PVT, dict(_PVT_T, lff={})),
+    'swin_t': (Swin, _SWIN_T), 'localvit_swin_t': (Swin, dict(_SWIN_T, lff={})),
+    'tnt_t': (TNT, _TNT_T), 'localvit_tnt_t': (TNT, dict(_TNT_T, lff={})),
+    't2t_vit_7': (T2TViT, _T2T_7), 'localvit_t2t_7': (T2TViT, dict(_T2T_7, lff=dict(reduction=128))),
+}
+
+# timm's names for the models timm has
+ALIASES = {'deit_tiny_patch16_224': 'deit_t', 'deit_small_patch16_224': 'deit_s',
+           'deit_base_patch16_224': 'deit_b', 'convit_tiny': 'convit_t', 'convit_small': 'convit_s',
+           'convit_base': 'convit_b'}
+
+
+def list_models():
+    return sorted(MODELS)
+
+
+def model_name(name):
+    """Our name for a zoo name or timm's (ALIASES); an unknown one raises ValueError naming the closest."""
+    name = ALIASES.get(name, name)
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, list(MODELS) + list(ALIASES), n=4, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ''
+        raise ValueError(f'unknown model {name!r}{hint} (list_models() gives all {len(MODELS)})')
+    return name
+
+
+def model_options(name):
+    """The overrides a zoo model accepts: its class's constructor arguments."""
+    return list(inspect.signature(MODELS[model_name(name)][0]).parameters)
+
+
+# the keys of create_model's dict options
+DICT_OPTIONS = {'lff': ('act', 'channel_attn', 'reduction', 'kernel_size'),
+                'gpsa': ('locality_strength', 'local_init'), 'conv_stem': ('channels', 'strides')}
+
+
+def create_model(name, pretrained=False, **overrides):
+    """Build a zoo model (our name or timm's); overrides (img_size, patch_size, num_classes, embed_dim,
+    depth, num_heads, drop_path, ...) replace the published configuration, and a dict option (lff, gpsa,
+    conv_stem) is merged into the published one: create_model('localvit_t', lff={'kernel_size': 1}) keeps
+    its SE. `patch_size` on a conv-stem model sets its total stride (its last stride-2 convolutions become
+    stride 1). pretrained=True loads the released weights (appendix B: PRETRAINED), resized to img_size,
+    with a new classifier for another class count. model.config: the full configuration (plain data)."""
+    name = model_name(name)
+    cls, cfg = MODELS[name]
+    unknown = [k for k in overrides if k not in model_options(name)]
+    unknown += [f'{k}[{key!r}]' for k, v in overrides.items() if isinstance(v, dict) and k in DICT_OPTIONS
+                for key in v if key not in DICT_OPTIONS[k]]
+    if unknown:
+        keys = '; '.join(f'{k}: {", ".join(v)}' for k, v in DICT_OPTIONS.items())
+        raise ValueError(f'{name} has no option {", ".join(unknown)}; options: {", ".join(model_options(name))} '
+                         f'(the dict options take {keys})')
+    cfg = dict(cfg)
+    for k, v in overrides.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    model = cls(**cfg)
+    model.arch, model.config = name, cfg
+    return load_pretrained(model) if pretrained else model
 
 
 # ==================================================================================================

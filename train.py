@@ -25,9 +25,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import locvit
@@ -35,43 +37,87 @@ import locvit
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+# Each family's published ImageNet recipe (224 px; batch per process, for 8 GPUs)
+_DEIT = dict(epochs=300, batch_size=128, opt='adamw', lr=5e-4, weight_decay=0.05, warmup_epochs=5,
+             warmup_lr=1e-6, min_lr=1e-5, smoothing=0.1, mixup=0.8, cutmix=1.0, randaug='2,9',
+             autoaugment=False, lighting=0.0, hflip=0.5, reprob=0.25, repeated_aug=3, drop_path=0.1,
+             ema=True, ema_decay=0.99996, head_dropout=0.0)
+# Xiao et al. (pycls, branch vitconfigs): 1e-3 at batch 2048 (2.5e-4 per 512; 36GF 7e-4), warm-up
+# from 0.1x, cosine to 0.005x (absolute values at batch 2048), AutoAugment v0 and PCA lighting, EMA,
+# no erasing, no repeats, no drop path; weight decay on everything but norms and biases
+_PYCLS = dict(epochs=400, batch_size=256, opt='adamw', lr=2.5e-4, weight_decay=0.24, warmup_epochs=5,
+              warmup_lr=1e-4, min_lr=5e-6, smoothing=0.1, mixup=0.8, cutmix=1.0, randaug='off',
+              autoaugment=True, lighting=0.1, hflip=0.5, reprob=0.0, repeated_aug=1, drop_path=0.0,
+              ema=True, ema_decay=0.99995, head_dropout=0.0)
+RECIPES = {
+    'deit': _DEIT,                                   # Touvron et al.; LocalViT and the rest use it
+    'convit': dict(_DEIT, ema=False),                # d'Ascoli et al.: DeiT's, no EMA
+    'convit+': dict(_DEIT, ema=False, lr=4e-4, batch_size=64),   # "+" models: 4e-4 at batch 512
+    'pycls': _PYCLS,
+    'pycls-36gf': dict(_PYCLS, lr=1.75e-4, warmup_lr=7e-5, min_lr=3.5e-6),
+    # Gong et al.'s released training (PatchVisionTransformer): DeiT's, then its own patch mix on top
+    # of MixUp/CutMix, its contrastive and region losses, talking heads, dropout 0.2 before the heads
+    'patchdiverse': dict(_DEIT, diverse='con-released,mix-released', talking_heads=True,
+                         head_dropout=0.2, min_lr=1e-7),
+}
+_SMALL = dict(img_size=32, patch_size=4, drop_path=0.0, mixup=0.0, cutmix=0.0, randaug='off',
+              autoaugment=False, lighting=0.0, reprob=0.0, repeated_aug=1, ema=False, batch_size=64,
+              lr=4e-3, warmup_epochs=0.3)
+DATA_SETTINGS = {
+    # a few minutes on a laptop CPU: short runs, a higher learning rate, no heavy augmentation
+    'synthetic': dict(_SMALL, num_classes=10, crop_scale=0.5, epochs=3),
+    'digits': dict(_SMALL, crop_scale=0.7, hflip=0.0, epochs=10),       # a flipped digit is another
+    'cifar': dict(img_size=32, patch_size=4, crop_scale=0.35, repeated_aug=1, batch_size=128),
+    'folder': dict(img_size=224, crop_scale=0.08),
+}
+
+
 # ==================================================================================================
 # Config. Every field is a flag (--warmup-epochs ...). None means "the recipe's, as the data
 # adapts it": RECIPES holds each family's published ImageNet recipe, DATA_SETTINGS what the data
-# changes (32 px images with patch 4 for synthetic data and CIFAR; the synthetic data's quick run).
+# changes (32 px images with patch 4 for the small data sets; the built-in data's quick run).
+# A model flag names the create_model option it sets (`model`: an option, or (dict option, key)).
 # ==================================================================================================
 
-def flag(default, help, choices=None):
-    return dataclasses.field(default=default, metadata={'help': help, 'choices': choices})
+def flag(default, help, choices=None, model=None):
+    return dataclasses.field(default=default, metadata={'help': help, 'choices': choices, 'model': model})
 
 
 @dataclasses.dataclass
 class Config:
     # model: a zoo name (or timm's), and overrides in the papers' words
     arch: str = flag('localvit_t', "the model: a zoo name (locvit.list_models()) or timm's name")
-    img_size: int = flag(None, 'image size (follows the data: 32 synthetic/CIFAR, 224 folder)')
-    patch_size: int = flag(None, "patch size, or a conv stem's total stride (follows the data: 4 at 32 px)")
-    drop_path: float = flag(None, 'stochastic depth rate of the last block (recipe: 0.1)')
-    embed_dim: int = flag(None, "width (default: the model's)")
-    depth: int = flag(None, "blocks (default: the model's)")
-    num_heads: int = flag(None, "attention heads (default: the model's)")
-    mlp_ratio: float = flag(None, "the feed-forward's hidden width / width (default: the model's)")
-    local_up_to_layer: int = flag(None, 'ConViT: GPSA in the blocks before this one')
-    locality_strength: float = flag(None, 'ConViT: alpha of the convolutional init (default 1)')
-    local_init: bool = flag(None, 'ConViT: the convolutional init of GPSA (default on)')
-    talking_heads: bool = flag(None, 'talking-heads attention (over-smoothing paper; default off)')
-    stem_channels: str = flag(None, 'a conv stem (ViT_C) of these widths on any ViT, e.g. 24,48,96,192')
-    stem_strides: str = flag(None, "the conv stem's strides, e.g. 2,2,2,2 (default 2 each)")
-    ffn: str = flag(None, "the feed-forward network (default: the model's)", ('mlp', 'lff'))
-    act: str = flag(None, "the LFF's activation (default hswish)", tuple(locvit.ACTIVATIONS))
-    channel_attn: str = flag(None, "the LFF's channel attention (default se)", ('se', 'eca', 'none'))
-    reduction: int = flag(None, "the LFF's SE reduction of the expanded width (default: the model's)")
-    lff_kernel: int = flag(None, "the LFF's depthwise kernel; 1 removes the locality (default 3)")
+    img_size: int = flag(None, 'image size', model='img_size')
+    patch_size: int = flag(None, "patch size, or a conv stem's total stride", model='patch_size')
+    drop_path: float = flag(None, 'stochastic depth rate of the last block', model='drop_path')
+    embed_dim: int = flag(None, "width (default: the model's)", model='embed_dim')
+    depth: int = flag(None, "blocks (default: the model's)", model='depth')
+    num_heads: int = flag(None, "attention heads (default: the model's)", model='num_heads')
+    mlp_ratio: float = flag(None, "the feed-forward's hidden width / width (default: the model's)",
+                            model='mlp_ratio')
+    local_up_to_layer: int = flag(None, 'ConViT: GPSA in the blocks before this one', model='local_up_to_layer')
+    locality_strength: float = flag(None, 'ConViT: alpha of the convolutional init (default 1)',
+                                    model=('gpsa', 'locality_strength'))
+    local_init: bool = flag(None, 'ConViT: the convolutional init of GPSA (default on)', model=('gpsa', 'local_init'))
+    talking_heads: bool = flag(None, 'talking-heads attention (over-smoothing paper)', model='talking_heads')
+    stem_channels: str = flag(None, 'a conv stem (ViT_C) of these widths on any ViT, e.g. 24,48,96,192',
+                              model=('conv_stem', 'channels'))
+    stem_strides: str = flag(None, "the conv stem's strides, e.g. 2,2,2,2 (default 2 each)",
+                             model=('conv_stem', 'strides'))
+    ffn: str = flag(None, "the feed-forward network (default: the model's)", ('mlp', 'lff'), model='lff')
+    act: str = flag(None, "the LFF's activation (default hswish)", tuple(locvit.ACTIVATIONS), model=('lff', 'act'))
+    channel_attn: str = flag(None, "the LFF's channel attention (default se)", ('se', 'eca', 'none'),
+                             model=('lff', 'channel_attn'))
+    reduction: int = flag(None, "the LFF's SE reduction of the expanded width (default: the model's)",
+                          model=('lff', 'reduction'))
+    lff_kernel: int = flag(None, "the LFF's depthwise kernel; 1 removes the locality (default 3)",
+                           model=('lff', 'kernel_size'))
     finetune: str = flag(None, 'start from these weights: a path, a URL, or "pretrained" (the released '
                                'ones); a new classifier when the class count differs')
     # data
-    data: str = flag('synthetic', 'the data: folder = --data-path with train/ and val/',
-                     ('synthetic', 'cifar10', 'cifar100', 'folder'))
+    data: str = flag('synthetic', 'the data: synthetic (built in), digits (UCI handwritten digits, '
+                     'shipped), CIFAR, or folder = --data-path with train/ and val/',
+                     ('synthetic', 'digits', 'cifar10', 'cifar100', 'folder'))
     data_path: str = flag(None, 'where the data is (CIFAR default: data/)')
     download: bool = flag(False, 'CIFAR: download it when missing (needs internet)')
     num_classes: int = flag(None, 'keep the first K classes (sorted order; default: all)')
@@ -80,92 +126,89 @@ class Config:
     synthetic_train: int = flag(2500, 'synthetic data: training images')
     synthetic_val: int = flag(1000, 'synthetic data: validation images')
     gpu_decode: bool = flag(False, 'folder data: decode JPEGs and augment on the GPU, not in workers')
-    # optimisation
-    recipe: str = flag('auto', "whose recipe (auto: the model family's)", ('auto', 'deit', 'convit', 'convit+', 'pycls'))
-    epochs: int = flag(None, 'epochs (recipe: 300; pycls 400)')
-    batch_size: int = flag(None, 'images per process and step (recipe: 128, x 8 GPUs = 1024)')
+    # recipe: optimisation, regularisation and augmentation
+    recipe: str = flag('auto', "whose recipe (auto: the model family's)", tuple(['auto'] + list(RECIPES)))
+    epochs: int = flag(None, 'epochs')
+    batch_size: int = flag(None, 'images per process and step (recipes: x 8 GPUs)')
     accum: int = flag(1, 'gradient accumulation: micro-batches per optimizer step')
-    opt: str = flag(None, 'optimizer (recipe: adamw; sgd: Nesterov, momentum 0.9)', ('adamw', 'sgd'))
-    lr: float = flag(None, 'peak learning rate PER 512 IMAGES, scaled by the global batch (recipe: 5e-4)')
-    weight_decay: float = flag(None, 'not on biases, norms, gates, embeddings (recipe: 0.05)')
-    warmup_epochs: float = flag(None, 'linear warm-up epochs (recipe: 5)')
-    warmup_lr: float = flag(None, 'learning rate the warm-up starts from (recipe: 1e-6)')
-    min_lr: float = flag(None, 'learning rate the cosine ends at (recipe: 1e-5)')
+    opt: str = flag(None, 'optimizer (sgd: Nesterov, momentum 0.9)', ('adamw', 'sgd'))
+    lr: float = flag(None, 'peak learning rate PER 512 IMAGES, scaled by the global batch')
+    weight_decay: float = flag(None, "not on biases and norms; DeiT's recipes: nor on gates, embeddings, tokens")
+    warmup_epochs: float = flag(None, 'linear warm-up epochs')
+    warmup_lr: float = flag(None, 'learning rate the warm-up starts from')
+    min_lr: float = flag(None, 'learning rate the cosine ends at')
     clip_grad: float = flag(None, 'clip the gradient norm to this (default: no clipping)')
-    # regularisation and augmentation
-    smoothing: float = flag(None, 'label smoothing (recipe: 0.1)')
-    mixup: float = flag(None, 'MixUp alpha, 0 = off (recipe: 0.8)')
-    cutmix: float = flag(None, 'CutMix alpha, 0 = off; one of the two per batch (recipe: 1.0)')
-    randaug: str = flag(None, "DeiT's RandAugment 'N,M': N ops at magnitude M of 10, or off (recipe: 2,9)")
-    autoaugment: bool = flag(None, "torchvision's ImageNet AutoAugment instead (recipe: pycls's)")
-    reprob: float = flag(None, 'random erasing probability (recipe: 0.25)')
-    crop_scale: float = flag(None, "RandomResizedCrop's smallest area (follows the data: 0.08 ImageNet)")
-    repeated_aug: int = flag(None, 'repeated augmentation: copies of each image per epoch (recipe: 3)')
-    ema: bool = flag(None, 'an exponential moving average of the weights (recipe: on for DeiT)')
-    ema_decay: float = flag(None, 'EMA decay per optimizer step (recipe: 0.99996)')
+    smoothing: float = flag(None, 'label smoothing')
+    mixup: float = flag(None, 'MixUp alpha, 0 = off')
+    cutmix: float = flag(None, 'CutMix alpha, 0 = off; one of the two per batch')
+    grid_cutmix: bool = flag(False, "CutMix's box on the patch grid (locvit.patch_cutmix), as the mixing "
+                             'losses use it; on with --diverse mix')
+    randaug: str = flag(None, "DeiT's RandAugment 'N,M': N ops at magnitude M of 10, or off")
+    autoaugment: bool = flag(None, "pycls's AutoAugment (the v0 policy) instead of RandAugment")
+    lighting: float = flag(None, "AlexNet's PCA lighting noise, its std (pycls), 0 = off")
+    hflip: float = flag(None, 'horizontal flip probability')
+    reprob: float = flag(None, 'random erasing probability')
+    crop_scale: float = flag(None, "RandomResizedCrop's smallest area")
+    repeated_aug: int = flag(None, 'repeated augmentation: copies of each image per epoch')
+    ema: bool = flag(None, 'an exponential moving average of the weights')
+    ema_decay: float = flag(None, 'EMA decay per optimizer step')
     diverse: str = flag(None, 'patch-diversity losses (Gong et al.) and weights, e.g. cos=1,con=1,mix=1; '
-                              'also con-dot, con-released, mix-region (see parse_diverse)')
-    # running
+                              'also con-dot, con-released, mix-region, mix-released (see parse_diverse)')
+    head_dropout: float = flag(None, 'dropout before the class and patch heads (with --diverse)')
+    # run
     amp: str = flag(None, 'autocast (default: bf16 on CUDA, off on CPU)', ('bf16', 'fp16', 'off'))
     compile: bool = flag(False, 'torch.compile the model')
     seed: int = flag(0, 'random seed')
     workers: int = flag(None, 'data loader processes per rank (default: half the cores, at most 8)')
     out: str = flag(None, 'output folder (default: runs/<arch>-<data>)')
     resume: str = flag(None, 'auto (OUT/last.pt if present) or a checkpoint path')
+    overwrite: bool = flag(False, 'start afresh in an --out that holds a run (its files are replaced)')
     eval_every: int = flag(1, 'evaluate every N epochs (and after the last)')
     max_steps: int = flag(None, 'stop after this many optimizer steps (smoke tests)')
-    progress: bool = flag(True, 'progress bars on rank 0')
+    progress: bool = flag(True, 'progress bars on rank 0 (on a terminal; else a line per epoch)')
+    recompute: bool = flag(True, "keep only each LFF's input for backward and recompute the rest")
 
 
-# Each family's published ImageNet recipe (224 px; batch per process, for 8 GPUs)
-_DEIT = dict(epochs=300, batch_size=128, opt='adamw', lr=5e-4, weight_decay=0.05, warmup_epochs=5,
-             warmup_lr=1e-6, min_lr=1e-5, smoothing=0.1, mixup=0.8, cutmix=1.0, randaug='2,9',
-             autoaugment=False, reprob=0.25, repeated_aug=3, drop_path=0.1, ema=True, ema_decay=0.99996)
-RECIPES = {
-    'deit': _DEIT,                                   # Touvron et al.; LocalViT and the rest use it
-    'convit': dict(_DEIT, ema=False),                # d'Ascoli et al.: DeiT's, no EMA
-    'convit+': dict(_DEIT, ema=False, lr=4e-4, batch_size=64),   # "+" models: 4e-4 at batch 512
-    # Xiao et al. (pycls): 1e-3 at batch 2048 (2.5e-4 per 512), warm-up from 0.1x, cosine to
-    # 0.005x (those two at batch 2048), AutoAugment, EMA, no erasing, no repeats, no drop path
-    'pycls': dict(epochs=400, batch_size=256, opt='adamw', lr=2.5e-4, weight_decay=0.24,
-                  warmup_epochs=5, warmup_lr=1e-4, min_lr=5e-6, smoothing=0.1, mixup=0.8, cutmix=1.0,
-                  randaug='off', autoaugment=True, reprob=0.0, repeated_aug=1, drop_path=0.0,
-                  ema=True, ema_decay=0.99995),
-}
-DATA_SETTINGS = {
-    # a few minutes on a laptop CPU: 3 short epochs, a higher learning rate, no heavy augmentation
-    'synthetic': dict(img_size=32, patch_size=4, num_classes=10, crop_scale=0.5, epochs=3,
-                      batch_size=64, lr=4e-3, warmup_epochs=0.3, drop_path=0.0, mixup=0.0, cutmix=0.0,
-                      randaug='off', autoaugment=False, reprob=0.0, repeated_aug=1, ema=False),
-    'cifar': dict(img_size=32, patch_size=4, crop_scale=0.35, repeated_aug=1, batch_size=128),
-    'folder': dict(img_size=224, crop_scale=0.08),
-}
-# the model flags: where create_model takes each (an option, or a key of a dict option)
-MODEL_FLAGS = {**{k: k for k in ('img_size', 'patch_size', 'drop_path', 'embed_dim', 'depth', 'num_heads',
-                                  'mlp_ratio', 'local_up_to_layer', 'talking_heads')},
-               'locality_strength': ('gpsa', 'locality_strength'), 'local_init': ('gpsa', 'local_init'),
-               'stem_channels': ('conv_stem', 'channels'), 'stem_strides': ('conv_stem', 'strides'),
-               'ffn': 'lff', 'act': ('lff', 'act'), 'channel_attn': ('lff', 'channel_attn'),
-               'reduction': ('lff', 'reduction'), 'lff_kernel': ('lff', 'kernel_size')}
+GROUPS = {'arch': 'model', 'data': 'data', 'recipe': 'recipe', 'amp': 'run'}   # the fields that start each
 
 
 class TrainError(Exception):
     """A problem with the run's input or state, reported as one line (no traceback)."""
 
 
+def defaults_text(f):
+    """What a flag defaults to: its own default, else the recipes' and the data sets' values."""
+    if f.default is not None:
+        return f' (default: {f.default})'
+
+    def grouped(tables, suffix=''):           # {value: [names]}, as 'deit, convit: 0.1'
+        by_value = {}
+        for name, table in tables.items():
+            if f.name in table:
+                by_value.setdefault(str(table[f.name]), []).append(name)
+        if len(by_value) == 1 and len(next(iter(by_value.values()))) == len(tables):
+            return [f'all{suffix}: {next(iter(by_value))}']
+        return [f'{", ".join(names)}{suffix}: {value}' for value, names in by_value.items()]
+    parts = grouped(RECIPES, ' recipes') + grouped(DATA_SETTINGS, ' data')
+    return f' ({"; ".join(parts)})' if parts else ''
+
+
 def add_flags(parser, names):
-    """A flag per Config field named: its help, its default (or the recipe's), its choices."""
+    """A flag per Config field named, in groups: its help, its defaults, its choices."""
+    group = parser
     for f in (f for f in dataclasses.fields(Config) if f.name in names):
+        if f.name in GROUPS and not isinstance(parser, argparse._ArgumentGroup):
+            group = parser.add_argument_group(GROUPS[f.name])
         choices = f.metadata['choices']
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(
             type={'int': int, 'float': float}.get(f.type.__name__, str), choices=choices,
             metavar=None if choices else f.name.upper())
-        shown = f.metadata['help'] + ('' if f.default is None else f' (default: {f.default})')
-        parser.add_argument('--' + f.name.replace('_', '-'), default=argparse.SUPPRESS, help=shown, **kind)
+        group.add_argument('--' + f.name.replace('_', '-'), default=argparse.SUPPRESS,
+                           help=f.metadata['help'] + defaults_text(f), **kind)
 
 
-def add_model_flags(parser):
-    add_flags(parser, MODEL_FLAGS)
+def model_flags():
+    return [f.name for f in dataclasses.fields(Config) if f.metadata['model']]
 
 
 def family(arch):
@@ -173,7 +216,22 @@ def family(arch):
     arch = locvit.model_name(arch)
     if arch.startswith('convit'):
         return 'convit+' if arch.endswith('_plus') else 'convit'
-    return 'pycls' if arch.startswith(('vit_p_', 'vit_c_')) else 'deit'
+    if arch.startswith(('vit_p_', 'vit_c_')):
+        return 'pycls-36gf' if arch.endswith('36gf') else 'pycls'
+    return 'deit'
+
+
+# (flags, test, what the value must be): checked once the defaults are filled in
+LIMITS = [
+    (('epochs', 'batch_size', 'accum', 'repeated_aug', 'eval_every', 'img_size', 'patch_size', 'embed_dim',
+      'depth', 'num_heads', 'synthetic_train', 'synthetic_val', 'max_steps'), lambda v: v >= 1, 'at least 1'),
+    (('lr', 'clip_grad', 'mlp_ratio', 'locality_strength'), lambda v: 0 < v < math.inf, 'a finite number above 0'),
+    (('weight_decay', 'warmup_epochs', 'warmup_lr', 'min_lr', 'mixup', 'cutmix', 'lighting'),
+     lambda v: 0 <= v < math.inf, 'a finite number, 0 or more'),
+    (('smoothing', 'drop_path', 'ema_decay', 'head_dropout'), lambda v: 0 <= v < 1, 'at least 0 and below 1'),
+    (('reprob', 'hflip'), lambda v: 0 <= v <= 1, 'a probability, from 0 to 1'),
+    (('crop_scale', 'data_fraction'), lambda v: 0 < v <= 1, 'above 0 and at most 1'),
+]
 
 
 def parse_config(argv=None):
@@ -187,14 +245,11 @@ def parse_config(argv=None):
         raise TrainError(f'--arch: {e}') from None
     fill_defaults(cfg)
     cfg.amp = cfg.amp or ('bf16' if torch.cuda.is_available() else 'off')
-    for name in ('epochs', 'batch_size', 'accum', 'repeated_aug', 'eval_every'):
-        if getattr(cfg, name) < 1:
-            raise TrainError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(cfg, name)}')
-    for name in ('lr', 'weight_decay', 'warmup_lr', 'min_lr', 'smoothing', 'reprob', 'drop_path'):
-        if (getattr(cfg, name) or 0) < 0:
-            raise TrainError(f'--{name.replace("_", "-")} must not be negative, got {getattr(cfg, name)}')
-    if not 0 < cfg.data_fraction <= 1:
-        raise TrainError(f'--data-fraction must lie in (0, 1], got {cfg.data_fraction}')
+    for names, valid, text in LIMITS:
+        for name in names:
+            value = getattr(cfg, name)
+            if value is not None and not valid(value):
+                raise TrainError(f'--{name.replace("_", "-")} must be {text}, got {value}')
     try:
         n, m = cfg.randaug.split(',') if cfg.randaug != 'off' else (1, 0)
         if not (int(n) >= 1 and 0 <= float(m) <= 10):       # not an assert: python -O drops those
@@ -203,9 +258,14 @@ def parse_config(argv=None):
         raise TrainError(f"--randaug takes 'N,M' (N ops per image, magnitude M on 0..10, e.g. 2,9 "
                          f"as DeiT) or 'off'; got {cfg.randaug!r}") from None
     weights = parse_diverse(cfg.diverse)
-    if (weights['mix'] or weights['mix-region']) and cfg.mixup > 0:
+    if mixing_loss(weights) and cfg.mixup > 0 and not weights['mix-released']:
         raise TrainError('the patch mixing loss (--diverse mix) labels every patch with one image, '
                          'which MixUp blends away; add --mixup 0 (the patch-aligned CutMix is used)')
+    if cfg.head_dropout and not any(weights.values()):
+        raise TrainError('--head-dropout acts in the patch-diversity wrapper; add --diverse (or --head-dropout 0)')
+    if cfg.gpu_decode and cfg.data != 'folder':
+        raise TrainError(f'--gpu-decode decodes JPEG files (--data folder); {cfg.data} data is decoded '
+                         f'already: drop --gpu-decode')
     if cfg.scale_epochs:                    # ConViT's sample-efficiency protocol
         cfg.epochs = round(cfg.epochs / cfg.data_fraction)
     cfg.out = cfg.out or os.path.join('runs', f'{cfg.arch}-{cfg.data}')
@@ -231,14 +291,15 @@ def data_kind(name):
     return 'cifar' if name.startswith('cifar') else name
 
 
-DIVERSE = ('cos', 'con', 'con-dot', 'con-released', 'mix', 'mix-region')
+DIVERSE = ('cos', 'con', 'con-dot', 'con-released', 'mix', 'mix-released')
 
 
 def parse_diverse(spec):
     """'cos,con,mix' (weight 1 each) or 'cos=1,con=0.5' -> a weight per loss of DIVERSE (0: off):
     cos (locvit.patch_cosine_loss), con (patch_contrastive_loss: cosine, tau 0.1), con-dot (the
     paper's raw dot product, tau 1), con-released (the released code's 3-way form), mix
-    (patch_mixing_loss after patch-grid CutMix), mix-region (the released region means)."""
+    (patch_mixing_loss after patch-grid CutMix), mix-released (the released code's patch mix after
+    MixUp / CutMix, and its region-mean loss on soft targets)."""
     weights, seen = dict.fromkeys(DIVERSE, 0.0), set()
     for part in (spec.split(',') if (spec or '').strip() else []):
         name, has_weight, value = (s.strip() for s in part.partition('='))
@@ -254,7 +315,15 @@ def parse_diverse(spec):
         except ValueError:
             raise TrainError(f'--diverse: malformed weight in {part.strip()!r}: a weight is a '
                              f'number >= 0') from None
+    if weights['mix'] and weights['mix-released']:
+        raise TrainError('--diverse: mix (the paper\'s patch-grid CutMix) and mix-released (the released '
+                         'code\'s patch mix) mix the batch differently; choose one')
     return weights
+
+
+def mixing_loss(weights):
+    """The mixing loss among the weights ('mix', 'mix-released') or None."""
+    return next((k for k in ('mix', 'mix-released') if weights.get(k)), None)
 
 
 # ==================================================================================================
@@ -379,6 +448,33 @@ class SyntheticShapes(Dataset):
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
+# The UCI optical handwritten digits (Alpaydin and Kaynak 1998): scikit-learn's copy, shipped
+DIGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tutorials', 'data', 'digits.csv.gz')
+DIGITS_TRAIN = 1297                         # images 0..1296 train, 1297..1796 validation (500)
+
+
+class Digits(Dataset):
+    """1,797 handwritten digits of 8x8 cells (0..16: the ink in each 4x4 block of a 32x32 bitmap), 10
+    classes: white ink on black, upsampled to size x size (bilinear), three equal channels."""
+
+    def __init__(self, split, size, transform=None):
+        import gzip
+        with gzip.open(DIGITS, 'rt') as f:
+            rows = torch.tensor([[int(v) for v in line.split(',')] for line in f if line.strip()])
+        rows = rows[:DIGITS_TRAIN] if split == 'train' else rows[DIGITS_TRAIN:]
+        cells = rows[:, :64].view(-1, 1, 8, 8).float() * (255 / 16)
+        images = F.interpolate(cells, size=(size, size), mode='bilinear', align_corners=False)
+        self.images = images.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
+        self.targets, self.classes, self.transform = rows[:, 64].tolist(), [str(d) for d in range(10)], transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
 class UnreadableImage(Exception):
     pass
 
@@ -400,50 +496,61 @@ class ImageFolder(Dataset):
         try:
             data, target = self.folder[i]
             return (self.transform(data) if self.transform else data), target
-        except Exception as e:
+        except Exception as e:                  # the whole reason, on one line; the cause chained
+            reason = ' '.join(str(e).split())
             raise UnreadableImage(f'cannot read image {self.folder.samples[i][0]} ({type(e).__name__}: '
-                                  f'{str(e).strip()[:100]}); remove or replace the file') from None
+                                  f'{reason}); remove or replace the file') from e
 
 
 # ==================================================================================================
-# Transforms: DeiT's augmentation, fast. RandAugment 'rand-m9-mstd0.5-inc1' exactly as timm draws it
-# (magnitude 9 on a 0..10 scale, std 0.5, each op kept with probability 1/2, mean-pixel fill,
-# bicubic). The ops are written once with torchvision's v2 functional ops, which run them on PIL
-# images (CPU loaders: Pillow is fastest there, and bit-identical to timm) and on uint8 tensors on
-# any device (--gpu-decode). Crops are resized on uint8 tensors; normalising and erasing are fused.
-# Random draws come from `rng` (Python's random, seeded per worker); erasing noise from torch.
+# Transforms: DeiT's augmentation (and pycls's), fast. RandAugment 'rand-m9-mstd0.5-inc1' exactly as
+# timm draws it (magnitude 9 on a 0..10 scale, std 0.5, each op kept with probability 1/2, mean-pixel
+# fill, bicubic); pycls's AutoAugment (the v0 policy, bilinear, grey fill) and PCA lighting. The ops
+# are written once with torchvision's v2 functional ops, which run them on PIL images (CPU loaders:
+# Pillow is fastest there, and bit-identical to timm) and on uint8 tensors on any device
+# (--gpu-decode). Crop, flip and erasing are torchvision's v2 transforms (torch's random draws);
+# RandAugment and AutoAugment draw from `rng` (Python's random). Both are seeded per loader worker.
 # ==================================================================================================
 
-FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)    # (124, 116, 104): geometric ops fill with it
+FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)    # (124, 116, 104): DeiT's geometric ops fill with it
 BICUBIC = TF.InterpolationMode.BICUBIC
 
 
-def affine(img, m):
+def affine(img, m, resample=Image.BICUBIC, fill=FILL):
     """Output pixel (x, y) takes the input at (m0 x + m1 y + m2, m3 x + m4 y + m5), in pixels from the
-    top-left corner (PIL's convention, timm's ops); bicubic; FILL where that point is outside."""
+    top-left corner (PIL's convention, timm's ops); `fill` where that point is outside."""
     if isinstance(img, Image.Image):
-        return img.transform(img.size, Image.AFFINE, m, Image.BICUBIC, fillcolor=FILL)
+        return img.transform(img.size, Image.AFFINE, m, resample, fillcolor=fill)
     c, h, w = img.shape                     # tensors: grid_sample (affine() has no bicubic)
     a, b, tx, d, e, ty = m
     theta = torch.tensor([[a, b * h / w, a + b * h / w + 2 * tx / w - 1],
                           [d * w / h, e, d * w / h + e + 2 * ty / h - 1]], device=img.device)
     grid = F.affine_grid(theta[None], [1, c, h, w], align_corners=False)
-    out = F.grid_sample(img[None].float(), grid, 'bicubic', 'border', align_corners=False)[0]
-    fill = torch.tensor(FILL, dtype=out.dtype, device=img.device).view(3, 1, 1)
+    mode = 'bicubic' if resample == Image.BICUBIC else 'bilinear'
+    out = F.grid_sample(img[None].float(), grid, mode, 'border', align_corners=False)[0]
+    fill = torch.tensor(fill, dtype=out.dtype, device=img.device).view(3, 1, 1)
     out = torch.where(((grid < -1) | (grid >= 1)).any(-1), fill, out)     # outside, as PIL
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def rotate(img, degrees):
+def rotate(img, degrees, resample=Image.BICUBIC, fill=FILL):
     """Counter-clockwise about the image centre, as PIL's Image.rotate."""
     h, w = TF.get_size(img)
     cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    return affine(img, (cos, -sin, w / 2 * (1 - cos) + sin * h / 2, sin, cos, h / 2 * (1 - cos) - sin * w / 2))
+    matrix = (cos, -sin, w / 2 * (1 - cos) + sin * h / 2, sin, cos, h / 2 * (1 - cos) - sin * w / 2)
+    return affine(img, matrix, resample, fill)
 
 
 def posterize(img, bits):
     """Keep the `bits` high bits; 0 (magnitude 10) gives black, as old Pillow did (Pillow 13 raises)."""
-    return Image.new(img.mode, img.size) if bits == 0 and isinstance(img, Image.Image) else TF.posterize(img, bits)
+    if bits == 0 and isinstance(img, Image.Image):
+        return Image.new(img.mode, img.size)
+    return TF.posterize(img, bits)
+
+
+def solarize(img, threshold):
+    """Invert the values >= threshold (256: nothing)."""
+    return TF.solarize(img, threshold) if threshold < 256 else img
 
 
 def solarize_add(img, add):
@@ -465,8 +572,7 @@ RANDAUG_OPS = {
     'Invert': (lambda img, _: TF.invert(img), lambda m, s: None),
     'Rotate': (rotate, lambda m, s: s * m * 30),                                    # degrees
     'PosterizeIncreasing': (posterize, lambda m, s: 4 - int(m * 4)),                # bits kept
-    'SolarizeIncreasing': (lambda img, t: TF.solarize(img, t) if t < 256 else img,  # invert >= t
-                           lambda m, s: 256 - min(256, int(m * 256))),
+    'SolarizeIncreasing': (solarize, lambda m, s: 256 - min(256, int(m * 256))),    # invert >= t
     'SolarizeAdd': (solarize_add, lambda m, s: min(128, int(m * 110))),
     'ColorIncreasing': (TF.adjust_saturation, enhance),
     'ContrastIncreasing': (TF.adjust_contrast, enhance),
@@ -504,56 +610,98 @@ def rand_augment(img, plan):
     return img
 
 
-def crop_box(width, height, rng=random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's box (left, top, w, h) from the image size alone (torchvision's get_params):
-    area ~ U(scale) x image, log aspect ~ U(log ratio); 10 tries, then the largest centred box."""
-    for _ in range(10):
-        area = width * height * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
-    aspect = min(max(width / height, ratio[0]), ratio[1])
-    w, h = (width, round(width / aspect)) if width / height < aspect else (round(height * aspect), height)
-    return (width - w) // 2, (height - h) // 2, w, h
+# pycls's AutoAugment (Xiao et al.'s recipe; pycls/datasets/augment.py): the TPU "v0" policy of 25
+# sub-policies (op, probability, magnitude in [0, 1]); one sub-policy per image. Geometric ops are
+# bilinear with grey fill (128); posterize keeps at least 1 bit.
+PYCLS_FILL = (128, 128, 128)
+PYCLS_POLICY = [
+    [('equalize', 0.8, 0.1), ('shear_y', 0.8, 0.4)], [('color', 0.4, 0.9), ('equalize', 0.6, 0.3)],
+    [('color', 0.4, 0.1), ('rotate', 0.6, 0.8)], [('solarize', 0.8, 0.3), ('equalize', 0.4, 0.7)],
+    [('solarize', 0.4, 0.2), ('solarize', 0.6, 0.2)], [('color', 0.2, 0.0), ('equalize', 0.8, 0.8)],
+    [('equalize', 0.4, 0.8), ('solarize_add', 0.8, 0.3)], [('shear_x', 0.2, 0.9), ('rotate', 0.6, 0.8)],
+    [('color', 0.6, 0.1), ('equalize', 1.0, 0.2)], [('invert', 0.4, 0.9), ('rotate', 0.6, 0.0)],
+    [('equalize', 1.0, 0.9), ('shear_y', 0.6, 0.3)], [('color', 0.4, 0.7), ('equalize', 0.6, 0.0)],
+    [('posterize', 0.4, 0.6), ('auto_contrast', 0.4, 0.7)], [('solarize', 0.6, 0.8), ('color', 0.6, 0.9)],
+    [('solarize', 0.2, 0.4), ('rotate', 0.8, 0.9)], [('rotate', 1.0, 0.7), ('trans_y', 0.8, 0.9)],
+    [('shear_x', 0.0, 0.0), ('solarize', 0.8, 0.4)], [('shear_y', 0.8, 0.0), ('color', 0.6, 0.4)],
+    [('color', 1.0, 0.0), ('rotate', 0.6, 0.2)], [('equalize', 0.8, 0.4), ('equalize', 0.0, 0.8)],
+    [('equalize', 1.0, 0.4), ('auto_contrast', 0.6, 0.2)], [('shear_y', 0.4, 0.7), ('solarize_add', 0.6, 0.7)],
+    [('posterize', 0.8, 0.2), ('solarize', 0.6, 1.0)], [('solarize', 0.6, 0.8), ('equalize', 0.6, 0.1)],
+    [('color', 0.8, 0.6), ('rotate', 0.4, 0.5)],
+]
+_BILINEAR = dict(resample=Image.BILINEAR, fill=PYCLS_FILL)
+# name: (op(img, v), v at magnitude 0, v at magnitude 1, whether v gets a random sign)
+PYCLS_OPS = {
+    'auto_contrast': (lambda img, v: TF.autocontrast(img), 0, 1, False),
+    'equalize': (lambda img, v: TF.equalize(img), 0, 1, False),
+    'invert': (lambda img, v: TF.invert(img), 0, 1, False),
+    'rotate': (lambda img, v: rotate(img, v, **_BILINEAR), 0, 30, True),
+    'posterize': (lambda img, v: TF.posterize(img, max(1, int(v))), 0, 4, False),
+    'solarize': (lambda img, v: solarize(img, int(v)), 0, 256, False),
+    'solarize_add': (lambda img, v: solarize_add(img, int(v)), 0, 110, False),
+    'color': (TF.adjust_saturation, 0.1, 1.9, False),
+    'shear_x': (lambda img, v: affine(img, (1, v, 0, 0, 1, 0), **_BILINEAR), 0, 0.3, True),
+    'shear_y': (lambda img, v: affine(img, (1, 0, 0, v, 1, 0), **_BILINEAR), 0, 0.3, True),
+    'trans_y': (lambda img, v: affine(img, (1, 0, 0, 0, 1, v * TF.get_size(img)[0]), **_BILINEAR), 0, 0.45, True),
+}
 
 
-def crop_flip(x, box, size, rng=random):
-    """Resize the box (left, top, w, h) of x to size x size (bicubic, antialiased), flip with p 1/2.
-    Copied channels-last first: torch's uint8 resize is fastest so, and its output goes to PIL free."""
-    left, top, w, h = box
-    x = x[:, top:top + h, left:left + w].permute(1, 2, 0).contiguous().permute(2, 0, 1)
-    x = TF.resize(x, [size, size], BICUBIC, antialias=True)
-    return TF.horizontal_flip(x) if rng.random() < 0.5 else x
-
-
-def normalize_erase(x, rng=random, re_prob=0.25):
-    """uint8 (..., 3, H, W) -> float (x / 255 - mean) / std, on x's device; then timm's RandomErasing
-    'pixel' mode, per image with probability re_prob: a box of 2-33% of the area, aspect 0.3-3.3,
-    filled with N(0, 1) noise (the scale of normalised data)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1) * 255
-    x = x.contiguous().float().sub_(mean).div_(torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1) * 255)
-    H, W = x.shape[-2:]
-    for img in x.view(-1, 3, H, W):
-        if rng.random() >= re_prob:
+def pycls_autoaugment(img, rng=random):
+    """One sub-policy of PYCLS_POLICY, drawn uniformly; each op applied with its probability, at
+    v = low + magnitude (high - low), negated with probability 1/2 where signed."""
+    for name, prob, magnitude in rng.choice(PYCLS_POLICY):
+        if prob < 1 and rng.random() > prob:
             continue
-        for _ in range(10):                                     # 10 tries at a box that fits
-            area = rng.uniform(0.02, 1 / 3) * H * W
-            aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
-            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-            if h < H and w < W:
-                top, left = rng.randint(0, H - h), rng.randint(0, W - w)
-                img[:, top:top + h, left:left + w] = torch.randn(3, h, w, device=x.device)
-                break
+        op, low, high, signed = PYCLS_OPS[name]
+        v = low + magnitude * (high - low)
+        if signed and rng.random() > 0.5:
+            v = -v
+        img = op(img, v)
+    return img
+
+
+# AlexNet's PCA lighting (pycls, from fb.resnet.torch): ImageNet's RGB eigenvalues and eigenvectors
+EIGVAL = (0.2175, 0.0188, 0.0045)
+EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+
+
+def lighting_offset(alpha):
+    """The RGB offset (3,), on the 0..1 scale, that lighting noise alpha (3,) adds: V (alpha * lambda)."""
+    return torch.tensor(EIGVEC) @ (alpha * torch.tensor(EIGVAL))
+
+
+def crop_flip(x, size, scale=(0.08, 1.0), hflip=0.5):
+    """RandomResizedCrop (torchvision's box: area ~ U(scale), log aspect ~ U(log 3/4, log 4/3)) to
+    size x size, bicubic, antialiased; then a horizontal flip with probability hflip. The crop is
+    copied channels-last first: torch's uint8 resize is fastest so, and its output goes to PIL free."""
+    top, left, h, w = v2.RandomResizedCrop.get_params(x, list(scale), [3 / 4, 4 / 3])
+    x = x[:, top:top + h, left:left + w].permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    return v2.RandomHorizontalFlip(hflip)(TF.resize(x, [size, size], BICUBIC, antialias=True))
+
+
+def normalize_erase(x, re_prob=0.25, lighting=0.0):
+    """uint8 (..., 3, H, W) -> float (x / 255 - mean) / std on x's device; per image, pycls's PCA
+    lighting noise (alpha ~ N(0, lighting)) and timm's RandomErasing 'pixel' mode with probability
+    re_prob (torchvision's: a box of 2-33% of the area, aspect 0.3-3.3, N(0, 1) noise)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    x = x.contiguous().float().div_(255).sub_(mean).div_(std)
+    erase = v2.RandomErasing(re_prob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value='random', inplace=True)
+    for img in x.view(-1, *x.shape[-3:]):
+        if lighting:
+            img += lighting_offset(torch.randn(3) * lighting).to(x.device).view(3, 1, 1) / std
+        if re_prob:
+            erase(img)
     return x
 
 
 def to_image(data):
-    """Encoded bytes (a 1-D uint8 tensor), a PIL image or a uint8 (3, H, W) tensor -> uint8
-    (3, H, W): torchvision decodes with libjpeg-turbo (Pillow's pixels, faster)."""
+    """Encoded bytes (a 1-D uint8 tensor), a PIL image or a (3, H, W) tensor -> uint8 (3, H, W):
+    torchvision decodes with libjpeg-turbo (Pillow's pixels, faster); 16-bit PNGs are rescaled."""
     if isinstance(data, Image.Image):
         return TF.pil_to_tensor(data.convert('RGB'))
-    return decode_image(data, mode=ImageReadMode.RGB) if data.ndim == 1 else data
+    x = decode_image(data, mode=ImageReadMode.RGB) if data.ndim == 1 else data
+    return x if x.dtype == torch.uint8 else TF.to_dtype(x, torch.uint8, scale=True)
 
 
 def randaug_setting(cfg):
@@ -565,23 +713,16 @@ def randaug_setting(cfg):
 
 
 def augment_train(data, size=224, rng=random, scale=(0.08, 1.0), randaug=(2, 9), re_prob=0.25,
-                  normalize=True, autoaugment=False):
+                  normalize=True, autoaugment=False, hflip=0.5, lighting=0.0):
     """DeiT's train transform of one image (encoded bytes, PIL or a uint8 tensor): RandomResizedCrop
-    (bicubic), flip, RandAugment (randaug = (ops, magnitude), or None; or AutoAugment), normalise,
-    RandomErasing ('pixel'). normalize=False returns uint8, to normalize_erase a batch on the GPU."""
-    x = to_image(data)
-    x = crop_flip(x, crop_box(x.shape[2], x.shape[1], rng, scale), size, rng)
+    (bicubic), flip, RandAugment (randaug = (ops, magnitude), or None; or pycls's AutoAugment),
+    normalise, [lighting], RandomErasing ('pixel'). normalize=False returns uint8 (before the last three)."""
+    x = crop_flip(to_image(data), size, scale, hflip)
     plan = randaug_plan(rng, *randaug) if randaug else []
     if plan or autoaugment:                               # on a CPU, Pillow runs the ops fastest
         pil = Image.fromarray(x.permute(1, 2, 0).numpy())
-        x = TF.pil_to_tensor(auto_augment(pil) if autoaugment else rand_augment(pil, plan))
-    return normalize_erase(x, rng, re_prob) if normalize else x
-
-
-def auto_augment(img):
-    """pycls's recipe: torchvision's ImageNet AutoAugment policy (PIL image or uint8 tensor)."""
-    from torchvision.transforms import v2
-    return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, fill=list(FILL))(img)
+        x = TF.pil_to_tensor(pycls_autoaugment(pil, rng) if autoaugment else rand_augment(pil, plan))
+    return normalize_erase(x, re_prob, lighting) if normalize else x
 
 
 def resize_center(x, size, crop_pct):
@@ -597,10 +738,10 @@ def augment_val(data, size=224, crop_pct=0.875, normalize=True):
 
 def train_transform(img, cfg, rng=random):
     return augment_train(img, cfg.img_size, rng, (cfg.crop_scale, 1.0), randaug_setting(cfg), cfg.reprob,
-                         autoaugment=cfg.autoaugment)
+                         autoaugment=cfg.autoaugment, hflip=cfg.hflip, lighting=cfg.lighting)
 
 
-def val_transform(img, cfg, rng=None):          # ImageNet-like folders: DeiT's crop; else whole
+def val_transform(img, cfg):                    # ImageNet-like folders: DeiT's crop; else whole
     return augment_val(img, cfg.img_size, crop_fraction(cfg))
 
 
@@ -608,35 +749,23 @@ def crop_fraction(cfg):
     return 0.875 if cfg.data == 'folder' else 1.0
 
 
-def device_batch(datas, device, cfg, train=True):
-    """--gpu-decode: JPEG bytes (a list of uint8 tensors) -> normalised float (B, 3, S, S) on
-    `device`: one batched decode there (nvjpeg on a GPU; if it refuses a file, PNG or CMYK, the
-    batch is decoded on the CPU), then the steps above per image, RandAugment on tensors."""
-    try:
-        images = decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        images = [to_image(d).to(device) for d in datas]
-    out, setting = [], randaug_setting(cfg)
-    for x in images:
-        if train:
-            x = crop_flip(x, crop_box(x.shape[2], x.shape[1], random, (cfg.crop_scale, 1.0)), cfg.img_size)
-            out.append(auto_augment(x) if cfg.autoaugment else
-                       rand_augment(x, randaug_plan(random, *setting) if setting else []))
-        else:
-            out.append(resize_center(x, cfg.img_size, crop_fraction(cfg)))
-    return normalize_erase(torch.stack(out), random, cfg.reprob if train else 0)
-
-
 def build_datasets(cfg, splits=('train', 'val')):
     """-> the data sets of `splits` (--num-classes and --data-fraction applied to train), then the
     class names the run uses (the first --num-classes, sorted)."""
     sets = [build_split(cfg, split) for split in splits]
     classes = list(sets[0].classes)
+    if len(sets) == 2 and list(sets[1].classes) != classes:
+        differ = sorted(set(classes) ^ set(sets[1].classes))
+        raise TrainError(f'train/ and val/ hold different classes ({", ".join(differ[:4])}'
+                         f'{", ..." if len(differ) > 4 else ""} in one only); give both the same class folders')
     if cfg.num_classes is not None and cfg.data != 'synthetic':
-        if not 1 <= cfg.num_classes <= len(classes):
+        if not 2 <= cfg.num_classes <= len(classes):
             raise TrainError(f'--num-classes {cfg.num_classes}: the data has {len(classes)} '
-                             f'classes; choose a number from 1 to {len(classes)}')
+                             f'classes; choose a number from 2 to {len(classes)}')
         classes = classes[:cfg.num_classes]
+    if len(classes) < 2:
+        raise TrainError(f'the data holds {len(classes)} class ({", ".join(classes)}); a classifier needs '
+                         f'at least 2: add a folder per class')
     fractions = [cfg.data_fraction if s == 'train' else 1.0 for s in splits]
     return [select(d, len(classes), f) for d, f in zip(sets, fractions)] + [classes]
 
@@ -649,11 +778,12 @@ def build_val_set(cfg):
 def build_split(cfg, split):
     """One split ('train' or 'val') of the data, with its transform."""
     is_train = split == 'train'
-    transform = None if cfg.gpu_decode else functools.partial(
-        train_transform if is_train else val_transform, cfg=cfg)
+    transform = functools.partial(train_transform if is_train else val_transform, cfg=cfg)
     if cfg.data == 'synthetic':
         return SyntheticShapes(cfg.img_size, cfg.synthetic_train if is_train else cfg.synthetic_val,
                                cfg.num_classes, cfg.seed + (not is_train), transform)
+    if cfg.data == 'digits':
+        return Digits(split, cfg.img_size, transform)
     if cfg.data.startswith('cifar'):
         from torchvision import datasets
         root = cfg.data_path or 'data'
@@ -710,41 +840,103 @@ class RepeatAugSampler(Sampler):
         return self.n // self.world
 
 
-def as_lists(batch):                        # --gpu-decode: the JPEG bytes stay a list
-    return tuple(zip(*batch))
-
-
-def build_loaders(cfg, train_set, val_set, rank, world, device):
+def build_loaders(cfg, train_set, val_set, rank, world, device, collate_fn=None):
     """Training: repeated augmentation or a shuffled shard per rank. Evaluation: rank r takes samples
     r, r + world, ... (nothing padded, nothing twice: evaluate() sums exact counts). Workers restart every
     epoch, seeded from torch's generator: a resumed run (which restores it) draws the same augmentations."""
     from torch.utils.data.distributed import DistributedSampler
     sampler = (RepeatAugSampler(len(train_set), world, rank, cfg.repeated_aug, cfg.seed) if cfg.repeated_aug > 1
                else DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True))
-    train = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, **loader_options(cfg, device))
+    train = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, collate_fn=collate_fn,
+                       **loader_options(cfg, device))
+    kept = f' kept by --data-fraction {cfg.data_fraction:g}' if cfg.data_fraction < 1 else ''
     if len(train) == 0:
-        raise TrainError(f'the training set has {len(train_set)} images, fewer than one batch per '
-                         f'process ({cfg.batch_size} x {world} processes); lower --batch-size')
-    return train, build_val_loader(cfg, val_set, rank, world, device)
+        raise TrainError(f'the training set{kept} has {len(train_set)} images, fewer than one batch per process '
+                         f'({cfg.batch_size} x {world} process(es)); lower --batch-size' +
+                         (' or raise --data-fraction' if kept else ''))
+    if len(train) < cfg.accum:
+        raise TrainError(f'an epoch has {len(train)} batches per process, and --accum {cfg.accum} needs '
+                         f'{cfg.accum} for one optimizer step; lower --accum or --batch-size')
+    return train, build_val_loader(cfg, val_set, rank, world, device, collate_fn)
 
 
-def build_val_loader(cfg, val_set, rank, world, device):
+def build_val_loader(cfg, val_set, rank, world, device, collate_fn=None):
     return DataLoader(val_set, cfg.batch_size, sampler=range(rank, len(val_set), world),
-                      **loader_options(cfg, device))
+                      collate_fn=collate_fn, **loader_options(cfg, device))
 
 
 def loader_options(cfg, device):
     workers = cfg.workers if cfg.workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
-    return dict(num_workers=workers, pin_memory=device.type == 'cuda',
-                collate_fn=as_lists if cfg.gpu_decode else None)
+    return dict(num_workers=workers, pin_memory=device.type == 'cuda')
 
 
-def build_batch_mix(cfg, num_classes):
-    """MixUp / CutMix on whole batches (one of the two per batch), or None."""
-    from torchvision.transforms import v2
+def build_batch_mix(cfg, num_classes, model):
+    """The batch's mixing, (images, labels) -> (images, soft targets), or None: MixUp or CutMix (one
+    of the two per batch), or CutMix with its box on the model's patch grid (--grid-cutmix)."""
+    if cfg.grid_cutmix:
+        return lambda images, labels: locvit.patch_cutmix(images, labels, num_classes, model.grid,
+                                                          model.patch_size, cfg.cutmix or 1.0)[:2]
     mixes = [mix(alpha=a, num_classes=num_classes) for mix, a in
              ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if a > 0]
     return v2.RandomChoice(mixes) if mixes else None
+
+
+# ==================================================================================================
+# --gpu-decode: the loaders hand over each file's bytes (no decoding in the workers); every batch
+# is decoded on the device (nvjpeg on a GPU) and augmented there by the steps above. main() wraps
+# the loaders with it; nothing else knows of it.
+# ==================================================================================================
+
+def device_batch(datas, device, cfg, train=True):
+    """JPEG bytes (a list of uint8 tensors) -> normalised float (B, 3, S, S) on `device`: one batched
+    decode there (if it refuses a file, PNG or CMYK, the batch is decoded on the CPU), then per image
+    the crop, flip and RandAugment (or AutoAugment) of train_transform, or the centre crop of val."""
+    try:
+        images = decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        images = [to_image(d).to(device) for d in datas]
+    out, setting = [], randaug_setting(cfg)
+    for x in images:
+        if not train:
+            out.append(resize_center(x, cfg.img_size, crop_fraction(cfg)))
+            continue
+        x = crop_flip(x, cfg.img_size, (cfg.crop_scale, 1.0), cfg.hflip)
+        if cfg.autoaugment:
+            out.append(pycls_autoaugment(x))
+        else:
+            out.append(rand_augment(x, randaug_plan(random, *setting) if setting else []))
+    if not train:
+        return normalize_erase(torch.stack(out), re_prob=0)
+    return normalize_erase(torch.stack(out), cfg.reprob, cfg.lighting)
+
+
+def packed(batch):
+    """Collate (bytes, label) pairs into one flat byte tensor, the lengths and the labels: a worker
+    passes one tensor to the main process, not a file's tensor each."""
+    datas, labels = zip(*batch)
+    return torch.cat(datas), [len(d) for d in datas], torch.tensor(labels)
+
+
+class DeviceDecoded:
+    """A loader of packed JPEG bytes -> (images decoded and augmented on `device`, labels)."""
+
+    def __init__(self, loader, device, cfg, train):
+        self.loader, self.sampler, self.device, self.cfg, self.train = loader, loader.sampler, device, cfg, train
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for flat, lengths, labels in self.loader:
+            yield device_batch(flat.split(lengths), self.device, self.cfg, self.train), labels
+
+
+def gpu_decode_loaders(cfg, train_set, val_set, rank, world, device):
+    """build_loaders over the files' bytes, each batch decoded on the device."""
+    for dataset in (train_set, val_set):
+        getattr(dataset, 'dataset', dataset).transform = None      # (a Subset holds the folder)
+    train, val = build_loaders(cfg, train_set, val_set, rank, world, device, collate_fn=packed)
+    return DeviceDecoded(train, device, cfg, True), DeviceDecoded(val, device, cfg, False)
 
 
 # ==================================================================================================
@@ -753,24 +945,24 @@ def build_batch_mix(cfg, num_classes):
 # ==================================================================================================
 
 def model_overrides(cfg):
-    """The model flags that were set, as create_model overrides (MODEL_FLAGS: the conv stem's,
-    GPSA's and the LFF's options go into their dicts; "24,48" -> (24, 48))."""
+    """The model flags that were set, as create_model overrides: each Config field's `model` says
+    where (the conv stem's, GPSA's and the LFF's options go into their dicts; "24,48" -> (24, 48))."""
     overrides, arch = {}, locvit.model_name(getattr(cfg, 'arch', None) or 'deit_t')
-    for flag_name, where in MODEL_FLAGS.items():
-        value = getattr(cfg, flag_name, None)
-        if value is None:
+    for f in dataclasses.fields(Config):
+        where, value = f.metadata['model'], getattr(cfg, f.name, None)
+        if where is None or value is None:
             continue
-        if flag_name.startswith('stem_'):
+        if f.name.startswith('stem_'):
             try:
                 value = tuple(int(v) for v in str(value).split(','))
             except ValueError:
-                raise TrainError(f'--{flag_name.replace("_", "-")} takes integers separated by '
+                raise TrainError(f'--{f.name.replace("_", "-")} takes integers separated by '
                                  f'commas, e.g. 24,48,96,192; got {value!r}') from None
-        if flag_name == 'ffn':              # mlp: no LFF; lff: an LFF (the model's, or defaults)
+        if f.name == 'ffn':                 # mlp: no LFF; lff: an LFF (the model's, or defaults)
             overrides['lff'] = None if value == 'mlp' else {**(overrides.get('lff') or {})}
         elif isinstance(where, tuple):
             if where[0] == 'lff' and overrides.get('lff', locvit.MODELS[arch][1].get('lff')) is None:
-                raise TrainError(f'--{flag_name.replace("_", "-")} sets the locality feed-forward, '
+                raise TrainError(f'--{f.name.replace("_", "-")} sets the locality feed-forward, '
                                  f'which {arch} has not; add --ffn lff')
             overrides.setdefault(where[0], {})[where[1]] = value
         else:
@@ -785,52 +977,123 @@ def build_model(cfg, num_classes):
     model = locvit.create_model(cfg.arch, num_classes=num_classes, **model_overrides(cfg))
     if cfg.finetune:                        # DeiT's fine-tuning: new classifier, resized positions
         locvit.load_pretrained(model, None if cfg.finetune == 'pretrained' else cfg.finetune)
+    if cfg.recompute:
+        recompute_lff(model)
+    return model
+
+
+def recompute(module, fn, *inputs):
+    """fn(*inputs) (a part of `module`) keeping only `inputs` for backward, which reruns fn
+    (torch.utils.checkpoint); `module`'s BatchNorms update their running statistics in the first run only.
+    Outside training (no grad, eval mode, or under torch.compile) it is a plain call."""
+    if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return fn(*inputs)
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    runs = []
+
+    def run(*args):
+        state = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
+        if runs:                                # the second run: running stats unchanged
+            for bn in bns:
+                bn.momentum = 0.0
+        runs.append(1)
+        try:
+            return fn(*args)
+        finally:
+            for bn, (momentum, tracked) in zip(bns, state):
+                bn.momentum = momentum
+                if len(runs) > 1:
+                    bn.num_batches_tracked.copy_(tracked)
+    return torch.utils.checkpoint.checkpoint(run, *inputs, use_reentrant=False)
+
+
+def recompute_lff(model):
+    """--recompute (on by default): each LFF keeps only its input for backward and reruns its expanded
+    (4x) maps there: a fifth of the activation memory at about the same speed, the same numbers."""
+    for m in model.modules():
+        if isinstance(m, locvit.LocalityFeedForward):
+            m.branch = functools.partial(recompute, m, m.branch)
     return model
 
 
 class PatchDiversity(nn.Module):
-    """A model and the patch-diversity losses (Gong et al.): forward(images, patch_labels, mask) ->
-    (logits, {'cos': ..., 'con': ..., ...}) for the losses with a weight. The patch classifier of
-    the mixing losses lives here, beside the published model."""
+    """A model trained with the patch-diversity losses (Gong et al.): forward(images) -> (logits,
+    {name: weight x loss}) for the losses with a weight. It owns what the losses add beside the
+    published model: the patch classifier, a dropout before the heads, and mix(images, labels), the
+    batch mixing its mixing loss needs, which leaves the patches' targets for the next forward: the
+    paper's CutMix on the patch grid (instead of the batch mix), or the batch mix and then the
+    released code's patch mix."""
 
-    def __init__(self, model, weights, num_classes):
+    def __init__(self, model, weights, num_classes, batch_mix=None, cutmix=1.0, smoothing=0.0, head_dropout=0.0):
         super().__init__()
         if not hasattr(model, 'patch_size'):
             raise TrainError(f'{model.arch} has no single patch grid; the patch-diversity losses '
                              f'need one (any ViT-family model: deit_*, convit_*, localvit_*, vit_*)')
         self.model, self.weights = model, {k: w for k, w in weights.items() if w > 0}
-        if 'mix' in self.weights or 'mix-region' in self.weights:
-            self.patch_head = locvit.PatchHead(self.model.head.in_features, num_classes)
+        self.num_classes, self.batch_mix, self.cutmix, self.smoothing = num_classes, batch_mix, cutmix, smoothing
+        self.drop = nn.Dropout(head_dropout) if head_dropout > 0 else nn.Identity()
+        if mixing_loss(weights):
+            self.patch_head = locvit.PatchHead(model.head.in_features, num_classes)
+        self.patch_targets = None               # what mix() leaves for forward()
 
-    def forward(self, images, patch_labels=None, mask=None):
+    def mix(self, images, labels):
+        grid, p = self.model.grid, self.model.patch_size
+        if 'mix' in self.weights:               # the paper's: each patch from one image, its label
+            images, targets, self.patch_targets = locvit.patch_cutmix(images, labels, self.num_classes,
+                                                                      grid, p, self.cutmix)
+            return images, targets
+        targets = labels
+        if self.batch_mix is not None:
+            images, targets = self.batch_mix(images, labels)
+        if 'mix-released' in self.weights:      # the released: its patch mix, smoothed soft targets
+            if targets.ndim == 1:
+                targets = F.one_hot(targets, self.num_classes).float()
+            images, targets, regions, mask = locvit.released_patch_mix(images, targets, grid, p)
+            self.patch_targets = (regions * (1 - self.smoothing) + self.smoothing / self.num_classes, mask)
+        return images, targets
+
+    def forward(self, images):
         tokens, layers = self.model.forward_features(images, return_layers=True)
         grid = self.model.grid
-        patches = lambda layer: locvit.patch_tokens(layer, grid)
-        embed = patches(layers[0]) - self.model.pos_embed[:, -grid[0] * grid[1]:]   # the stem's output
-        last, out = patches(layers[-1]), patches(tokens)     # before / after the final norm
-        losses = {
-            'cos': lambda: locvit.patch_cosine_loss(last),
-            'con': lambda: locvit.patch_contrastive_loss(embed, last),
-            'con-dot': lambda: locvit.patch_contrastive_loss(embed, last, 1.0, normalize=False),
-            'con-released': lambda: locvit.patch_contrastive_loss_released(embed, out, grid),
-            'mix': lambda: locvit.patch_mixing_loss(self.patch_head(out), patch_labels),
-            'mix-region': lambda: locvit.region_mixing_loss(self.patch_head, out, patch_labels, mask)}
-        return self.model.forward_head(tokens), {k: losses[k]() for k in self.weights}
+        embed = locvit.patch_tokens(layers[0], grid) - self.model.pos_embed[:, -grid[0] * grid[1]:]  # the stem's
+        last, out = locvit.patch_tokens(layers[-1], grid), locvit.patch_tokens(tokens, grid)  # before / after the norm
+        if mixing_loss(self.weights) and self.patch_targets is None:
+            raise ValueError('the mixing loss needs the patch targets of mix(images, labels): mix the batch first')
+        losses = {}
+        for name, weight in self.weights.items():
+            if name == 'cos':
+                loss = locvit.patch_cosine_loss(last)
+            elif name == 'con':
+                loss = locvit.patch_contrastive_loss(embed, last)
+            elif name == 'con-dot':
+                loss = locvit.patch_contrastive_loss(embed, last, 1.0, normalize=False)
+            elif name == 'con-released':
+                loss = locvit.patch_contrastive_loss_released(embed, out, grid)
+            elif name == 'mix':
+                loss = locvit.patch_mixing_loss(self.patch_head(self.drop(out)), self.patch_targets)
+            else:                               # mix-released
+                loss = locvit.region_mixing_loss(lambda t: self.patch_head(self.drop(t)), out, *self.patch_targets)
+            losses[name] = weight * loss
+        return self.model.forward_head(self.drop(tokens)), losses
 
 
 NO_DECAY = ('pos_embed', 'cls_token', 'relative_position_bias_table', 'patch_pos', 'pixel_pos')
 
 
-def param_groups(model, weight_decay):
+def param_groups(model, weight_decay, exempt=NO_DECAY):
+    """Two groups: weight decay, and none on every 1-D parameter (biases, norm and BN weights, GPSA
+    gates) and the parameters named in `exempt`: DeiT's rule exempts embeddings, tokens and bias
+    tables too; pycls's rule (exempt=()) exempts only norms and biases."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.split('.')[-1] in NO_DECAY else decay).append(p)
+            (no_decay if p.ndim <= 1 or name.split('.')[-1] in exempt else decay).append(p)
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 
 
 def build_optimizer(cfg, model, global_batch):
-    lr, groups = cfg.lr * global_batch / 512, param_groups(model, cfg.weight_decay)
+    exempt = () if cfg.recipe.startswith('pycls') else NO_DECAY
+    lr, groups = cfg.lr * global_batch / 512, param_groups(model, cfg.weight_decay, exempt)
     if cfg.opt == 'sgd':
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
@@ -865,43 +1128,32 @@ class Schedule:
 # ==================================================================================================
 
 def train_one_epoch(model, loader, optimizer, schedule, cfg, device, epoch, criterion,
-                    batch_mix=None, scaler=None, ema=None, progress=None):
-    """One pass over the loader; returns {'train_loss', 'img_per_s', ...}. With cfg.accum = k,
-    k micro-batches make one optimizer step (DDP syncs gradients only on the last one)."""
+                    mix=None, scaler=None, ema=None, progress=None):
+    """One pass over the loader; returns {'train_loss', 'img_per_s', ...}. `mix` mixes each batch;
+    the model returns logits, or (logits, {name: extra loss}). With cfg.accum = k, k micro-batches make
+    one optimizer step (DDP syncs gradients only on the last one)."""
     model.train()
-    base = unwrap(model)
-    diverse = base.weights if isinstance(base, PatchDiversity) else {}
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
-    sums = torch.zeros(2 + len(diverse), device=device)  # [loss, images, each term] (x images)
+    sums, names = None, []                               # [loss, images, each term] (x images)
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(loader):
-        if cfg.gpu_decode:                               # JPEG bytes -> augmented batch on device
-            images, targets = device_batch(images, device, cfg, train=True), torch.tensor(targets)
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        patch_labels = mask = None
-        if 'mix' in diverse or 'mix-region' in diverse:  # CutMix on the patch grid
-            images, targets, patch_labels, mask = locvit.patch_cutmix(
-                images, targets, base.patch_head.out_features, base.model.grid,
-                base.model.patch_size, alpha=cfg.cutmix or 1.0, return_mask=True)
-        elif batch_mix is not None:
-            images, targets = batch_mix(images, targets)
+        if mix is not None:
+            images, targets = mix(images, targets)
         last_micro = (i + 1) % cfg.accum == 0
         with (model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last_micro
               else nullcontext()), autocast(cfg.amp, device):
-            logits, terms = model(images, patch_labels, mask) if diverse else (model(images), {})
-            loss = criterion(logits, targets) + sum(diverse[k] * terms[k] for k in diverse)
+            out = model(images)
+            logits, terms = out if isinstance(out, tuple) else (out, {})
+            loss = criterion(logits, targets) + sum(terms.values())
         scaler.scale(loss / cfg.accum).backward()
         n = torch.tensor(float(len(images)), device=device)
         batch = all_reduce_sum(torch.stack([loss.detach().float() * n, n] +
-                                           [terms[k].detach().float() * n for k in diverse]))
+                                           [t.detach().float() * n for t in terms.values()]))
         if not torch.isfinite(batch[0]):
-            last = os.path.join(cfg.out, 'last.pt')
-            saved = (f'the last good checkpoint is {last} (epoch {locvit.read_checkpoint(last)["epoch"]})'
-                     if os.path.exists(last) else 'no checkpoint was written yet')
-            raise TrainError(f'the loss became {batch[0].item()} at epoch {epoch + 1}, step '
-                             f'{schedule.step + 1}; {saved}; lower --lr, set --clip-grad 1.0 or use --amp off')
-        sums += batch
+            raise TrainError(non_finite(cfg, batch[0].item(), epoch, schedule.step))
+        sums, names = (batch if sums is None else sums + batch), list(terms)
         if not last_micro:
             continue
         for group in optimizer.param_groups:
@@ -917,26 +1169,33 @@ def train_one_epoch(model, loader, optimizer, schedule, cfg, device, epoch, crit
         schedule.step += 1
         if progress is not None:
             progress.update(cfg.accum)
-            progress.set_postfix(loss=f'{batch[0].item() / batch[1].item():.3f}', lr=f'{group["lr"]:.2e}',
+            progress.set_postfix(loss=f'{(sums[0] / sums[1]).item():.3f}', lr=f'{group["lr"]:.2e}',
                                  img_s=f'{sums[1].item() / (time.perf_counter() - start):.0f}')
         if cfg.max_steps and schedule.step >= cfg.max_steps:
             break
     seconds = time.perf_counter() - start
     means = (sums / sums[1].clamp(min=1)).tolist()
-    return {'train_loss': means[0], **{f'loss_{k}': m for k, m in zip(diverse, means[2:])},
+    return {'train_loss': means[0], **{f'loss_{k}': m for k, m in zip(names, means[2:])},
             'img_per_s': sums[1].item() / seconds, 'epoch_seconds': seconds,
             'lr': optimizer.param_groups[0]['lr']}
 
 
+def non_finite(cfg, value, epoch, step):
+    """The message for a loss that became NaN or infinite: where, the last good checkpoint, the fixes."""
+    last = os.path.join(cfg.out, 'last.pt')
+    saved = (f'the last good checkpoint is {last} (epoch {locvit.read_checkpoint(last)["epoch"]})'
+             if os.path.exists(last) else 'no checkpoint was written yet')
+    fixes = 'lower --lr' + ('' if cfg.clip_grad else ', set --clip-grad 1.0') + (
+        ' or use --amp off' if cfg.amp != 'off' else '')
+    return f'the loss became {value} at epoch {epoch + 1}, step {step + 1}; {saved}; {fixes}'
+
+
 @torch.no_grad()
-def evaluate(model, loader, device, amp='off', cfg=None):
-    """Top-1, top-5, loss and image count, summed exactly over the ranks. (cfg: for --gpu-decode,
-    whose loader hands over JPEG bytes.)"""
+def evaluate(model, loader, device, amp='off'):
+    """Top-1, top-5, loss and image count, summed exactly over the ranks."""
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)   # correct1, correct5, loss, count
     for images, targets in loader:
-        if cfg is not None and cfg.gpu_decode:
-            images, targets = device_batch(images, device, cfg, train=False), torch.tensor(targets)
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast(amp, device):
             logits = model(images)
@@ -952,6 +1211,7 @@ def evaluate(model, loader, device, amp='off', cfg=None):
 # ==================================================================================================
 # Checkpoints: plain data only (torch.load(weights_only=True) reads them), written atomically.
 # They carry the model's full configuration: locvit.create_model(arch, **model_config) rebuilds it.
+# A run folder is never written over by accident.
 # ==================================================================================================
 
 def unwrap(model):
@@ -966,9 +1226,34 @@ def published(model):
     return model.model if isinstance(model, PatchDiversity) else model
 
 
+RUN_FILES = ('last.pt', 'best.pt', 'log.jsonl', 'config.json')
+
+
+def claim_out(cfg):
+    """Check --out before anything runs: a folder; one that holds a run is continued (--resume),
+    replaced (--overwrite: its run files removed) or refused. A killed save's temporary file goes."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise TrainError(f'--out {cfg.out} is a file, not a folder; name a folder for the run')
+    taken = [f for f in RUN_FILES[:3] if os.path.exists(os.path.join(cfg.out, f))]
+    if taken and not (cfg.resume or cfg.overwrite):
+        raise TrainError(f'{cfg.out} already holds a run ({", ".join(taken)}); continue it with --resume auto, '
+                         f'give another --out, or replace it with --overwrite')
+    if os.environ.get('RANK', '0') != '0' or not os.path.isdir(cfg.out):
+        return
+    for name in os.listdir(cfg.out):
+        if name.endswith('.tmp') or (cfg.overwrite and not cfg.resume and name in RUN_FILES):
+            os.remove(os.path.join(cfg.out, name))
+
+
 def save_checkpoint(path, state):
-    torch.save(state, f'{path}.tmp')
-    os.replace(f'{path}.tmp', path)         # a reader sees the old file or the new one, never half
+    """A reader sees the old file or the new one, never half of one; an interrupted save leaves no
+    temporary file behind."""
+    try:
+        torch.save(state, f'{path}.tmp')
+        os.replace(f'{path}.tmp', path)
+    finally:
+        if os.path.exists(f'{path}.tmp'):
+            os.remove(f'{path}.tmp')
 
 
 def rng_states():
@@ -982,11 +1267,11 @@ def rng_states():
 
 
 def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, best, classes, rng):
-    base, wrapper = published(model), unwrap(model)
+    base, trained = published(model), unwrap(model)
+    extras = {} if trained is base else {k: v for k, v in trained.state_dict().items() if not k.startswith('model.')}
     return {'model': base.state_dict(), 'arch': cfg.arch, 'model_config': base.config,
             'grids': {k: list(g) for k, (_, g) in base.pos_embed_grids().items()},
-            'classes': list(classes), 'config': dataclasses.asdict(cfg),
-            'patch_head': wrapper.patch_head.state_dict() if hasattr(wrapper, 'patch_head') else None,
+            'classes': list(classes), 'config': dataclasses.asdict(cfg), 'wrapper': extras,
             'ema': ema.module.state_dict() if ema is not None else None,
             'ema_updates': int(ema.n_averaged) if ema is not None else 0,
             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch,
@@ -1002,13 +1287,23 @@ def resume_from(cfg, model, optimizer, schedule, scaler, ema, classes, rank):
         state = locvit.read_checkpoint(path)
     except ValueError as e:
         raise TrainError(str(e)) from None
+    if not isinstance(state, dict) or 'optimizer' not in state:
+        raise TrainError(f'{path} holds weights only, no training state to resume; start from its weights '
+                         f'with --finetune {path} instead')
     if state.get('arch') != cfg.arch or len(state.get('classes', classes)) != len(classes):
         raise TrainError(f'{path} is a {state.get("arch")} run on {len(state.get("classes", []))} '
                          f'classes, this run is {cfg.arch} on {len(classes)}; use another --out '
                          f'or the same --arch and data')
+    saved, own = state.get('model_config') or {}, published(model).config
+    differ = [k for k in own if k in saved and saved[k] != own[k]]
+    if differ:
+        raise TrainError(f'{path} was trained with ' + ', '.join(f'{k} {saved[k]}' for k in differ) +
+                         ' (this run: ' + ', '.join(f'{k} {own[k]}' for k in differ) + '); resume with the '
+                         'same model flags, or use another --out')
     locvit.load_checkpoint(published(model), state)
-    if state.get('patch_head'):
-        unwrap(model).patch_head.load_state_dict(state['patch_head'])
+    if state.get('wrapper'):
+        unwrap(model).load_state_dict({**{f'model.{k}': v for k, v in published(model).state_dict().items()},
+                                       **state['wrapper']})
     optimizer.load_state_dict(state['optimizer'])
     scaler.load_state_dict(state['scaler'])
     if ema is not None and state.get('ema') is not None:
@@ -1023,32 +1318,45 @@ def resume_from(cfg, model, optimizer, schedule, scaler, ema, classes, rank):
     return state['epoch'], state['best_top1']
 
 
+def json_line(record):
+    """One JSON line; a non-finite number (NaN, inf) is written as null."""
+    finite = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
+    return json.dumps(finite) + '\n'
+
+
 # ==================================================================================================
 # main
 # ==================================================================================================
 
 def describe_recipe(cfg):
-    aug = 'AutoAugment' if cfg.autoaugment else f'RandAugment {cfg.randaug}'
+    aug = 'AutoAugment (pycls v0)' if cfg.autoaugment else f'RandAugment {cfg.randaug}'
+    diverse = f', losses {cfg.diverse}, head dropout {cfg.head_dropout:g}' if cfg.diverse else ''
     return (f'recipe {cfg.recipe} (as {cfg.data} data sets it): {cfg.opt}, lr {cfg.lr:g} per 512 '
             f'images, weight decay {cfg.weight_decay:g}, {cfg.epochs} epochs ({cfg.warmup_epochs:g} '
-            f'warm-up), cosine to {cfg.min_lr:g}, smoothing {cfg.smoothing:g}, mixup {cfg.mixup:g} / '
-            f'cutmix {cfg.cutmix:g}, {aug}, erasing {cfg.reprob:g}, repeats {cfg.repeated_aug}, '
-            f'drop path {cfg.drop_path:g}, EMA {cfg.ema_decay if cfg.ema else "off"}')
+            f'warm-up from {cfg.warmup_lr:g}), cosine to {cfg.min_lr:g}, smoothing {cfg.smoothing:g}, mixup '
+            f'{cfg.mixup:g} / cutmix {cfg.cutmix:g}{" on the patch grid" if cfg.grid_cutmix else ""}, {aug}, '
+            f'lighting {cfg.lighting:g}, flip {cfg.hflip:g}, erasing {cfg.reprob:g}, repeats {cfg.repeated_aug}, '
+            f'drop path {cfg.drop_path:g}, EMA {cfg.ema_decay if cfg.ema else "off"}{diverse}')
 
 
 def main(argv=None):
     cfg = parse_config(argv)
+    claim_out(cfg)
     rank, world, device = setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
 
     train_set, val_set, classes = build_datasets(cfg)
-    train_loader, val_loader = build_loaders(cfg, train_set, val_set, rank, world, device)
+    loaders = gpu_decode_loaders if cfg.gpu_decode else build_loaders
+    train_loader, val_loader = loaders(cfg, train_set, val_set, rank, world, device)
     model = build_model(cfg, len(classes))
+    mix = build_batch_mix(cfg, len(classes), model)
     weights = parse_diverse(cfg.diverse)
     if any(weights.values()):
-        model = PatchDiversity(model, weights, len(classes))
+        model = PatchDiversity(model, weights, len(classes), mix, cfg.cutmix or 1.0, cfg.smoothing,
+                               cfg.head_dropout)
+        mix = model.mix
     model = model.to(device)
     global_batch = cfg.batch_size * world * cfg.accum
     optimizer = build_optimizer(cfg, model, global_batch)
@@ -1063,7 +1371,6 @@ def main(argv=None):
     if is_distributed():
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
-    batch_mix = build_batch_mix(cfg, len(classes))
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, 'config.json'), 'w') as f:
@@ -1075,21 +1382,20 @@ def main(argv=None):
     log(describe_recipe(cfg))
 
     from tqdm import tqdm
+    bars = rank == 0 and cfg.progress and sys.stderr.isatty()    # to a file: the epoch lines alone
     total_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)
-        bar = tqdm(total=len(train_loader), desc=f'epoch {epoch + 1}/{cfg.epochs}', leave=False,
-                   dynamic_ncols=True) if rank == 0 and cfg.progress else None
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
-        stats = train_one_epoch(model, train_loader, optimizer, schedule, cfg, device, epoch,
-                                criterion, batch_mix, scaler, ema, bar)
-        if bar is not None:
-            bar.close()
+        with (tqdm(total=len(train_loader), desc=f'epoch {epoch + 1}/{cfg.epochs}', leave=False,
+                   dynamic_ncols=True) if bars else nullcontext()) as bar:
+            stats = train_one_epoch(model, train_loader, optimizer, schedule, cfg, device, epoch,
+                                    criterion, mix, scaler, ema, bar)
         sync_buffers(published(model), *([ema.module] if ema is not None else []))
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             for prefix, net in [('val', published(model))] + ([('ema', ema.module)] if ema else []):
-                stats.update({f'{prefix}_{k}': v for k, v in evaluate(net, val_loader, device, cfg.amp, cfg).items()})
+                stats.update({f'{prefix}_{k}': v for k, v in evaluate(net, val_loader, device, cfg.amp).items()})
         import resource
         stats['peak_mem_mb'] = (torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else
                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
@@ -1102,7 +1408,7 @@ def main(argv=None):
             if is_best:
                 save_checkpoint(os.path.join(cfg.out, 'best.pt'), state)
             with open(os.path.join(cfg.out, 'log.jsonl'), 'a') as f:
-                f.write(json.dumps({'epoch': epoch + 1, **stats}) + '\n')
+                f.write(json_line({'epoch': epoch + 1, **stats}))
         terms = ''.join(f'({k} {stats[f"loss_{k}"]:.3f}) ' for k in DIVERSE if f'loss_{k}' in stats)
         log(f'epoch {epoch + 1}/{cfg.epochs}  loss {stats["train_loss"]:.4f} {terms} ' +
             (f'val top-1 {top1:.2f}%  top-5 {stats["val_top5"]:.2f}%  ' if 'val_top1' in stats else '') +

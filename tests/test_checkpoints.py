@@ -24,9 +24,13 @@ FIXTURES = {
 
 
 def fixture_model(name):
-    fx = fixture(name)
+    """The fixture and our model for it. pycls's models read BGR images (its loader uses OpenCV), and
+    the key map flips their first convolution to take RGB: our input is the fixture's, channels flipped."""
+    fx = dict(fixture(name))
     arch, overrides = FIXTURES[name]
     model = locvit.create_model(arch, num_classes=10, **overrides)
+    if name.startswith('vit_'):
+        fx['input'] = fx['input'].flip(1)
     return fx, model
 
 
@@ -124,7 +128,7 @@ def test_missing_and_corrupt_files_are_explained(tmp_path):
     torch.save(model.state_dict(), tmp_path / 'good.pth')
     data = (tmp_path / 'good.pth').read_bytes()
     (tmp_path / 'cut.pth').write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match='unreadable .truncated or corrupt.'):
+    with pytest.raises(ValueError, match='unreadable .not a PyTorch file, truncated or corrupt.'):
         locvit.load_checkpoint(model, tmp_path / 'cut.pth')
     (tmp_path / 'text.pth').write_text('not a checkpoint')
     with pytest.raises(ValueError, match='unreadable'):

@@ -8,6 +8,7 @@ import random
 import re
 
 import einops
+from einops import rearrange
 import pytest
 import torch
 import torch.nn as nn
@@ -18,8 +19,7 @@ import locvit
 # object -> (the helpers its docstring names, at most this many lines)
 COPYABLE = {
     'GPSA': (['relative_positions'], 60),
-    'LocalityFeedForward': (['seq2img', 'img2seq', 'make_act', 'ACTIVATIONS', 'SqueezeExcite', 'ECA',
-                             'recompute'], 40),
+    'LocalityFeedForward': (['seq2img', 'img2seq', 'make_act', 'ACTIVATIONS', 'SqueezeExcite', 'ECA'], 45),
     'ConvStem': ([], 30),
     'patch_cosine_loss': ([], 15),
     'patch_contrastive_loss': ([], 30),
@@ -64,6 +64,11 @@ def test_pasted_gpsa_equals_the_original():
     pasted.load_state_dict(ours.state_dict())
     x = torch.randn(2, 30, 36)
     torch.testing.assert_close(pasted(x, (5, 6)), ours(x, (5, 6)))
+    # the paper's explicit map, pasted too: forward(x) = proj(A @ v), rows of A sum to 1
+    a = pasted.attention(x, (5, 6))
+    v = rearrange(pasted.v(x), 'b n (h d) -> b h n d', h=9)
+    torch.testing.assert_close(pasted(x, (5, 6)), pasted.proj(rearrange(a @ v, 'b h n d -> b n (h d)')))
+    torch.testing.assert_close(a.sum(-1), torch.ones(2, 9, 30))
 
 
 @pytest.mark.parametrize('channel_attn', ['se', 'eca', 'none'])

@@ -217,20 +217,54 @@ def test_mixing_loss_is_the_mean_per_patch_cross_entropy():
         locvit.patch_mixing_loss(logits, labels[:, :5])
 
 
-def test_region_mixing_loss_classifies_the_mean_of_each_region():
+def test_region_mixing_loss_scores_the_mean_of_each_region_by_kl():
+    """The released form: each region's mean token classified, KL(p_r || q_r) per image averaged over
+    the batch (nn.KLDivLoss 'batchmean'), weighted by the region's area."""
     head = locvit.PatchHead(8, 5)
     patches, mask = torch.randn(2, 6, 8), torch.tensor([0, 1, 1, 0, 0, 0], dtype=torch.bool)
-    labels = torch.tensor([[2, 4, 4, 2, 2, 2], [0, 3, 3, 0, 0, 0]])
+    targets = torch.softmax(torch.randn(2, 2, 5), -1)                 # (B, [box, rest], K)
     by_hand = 0
-    for region, area in ((~mask, 4 / 6), (mask, 2 / 6)):
-        y = labels[:, region][:, 0]
-        by_hand = by_hand + area * F.cross_entropy(head(patches[:, region].mean(1)), y)
-    torch.testing.assert_close(locvit.region_mixing_loss(head, patches, labels, mask), by_hand)
-    # an empty box (nothing pasted): only the whole image counts
+    for r, (region, area) in enumerate(((mask, 2 / 6), (~mask, 4 / 6))):
+        log_q = head(patches[:, region].mean(1)).log_softmax(-1)
+        p = targets[:, r]
+        by_hand = by_hand + area * (p * (p.log() - log_q)).sum(-1).mean()
+    torch.testing.assert_close(locvit.region_mixing_loss(head, patches, targets, mask), by_hand)
+    kl = torch.nn.KLDivLoss(reduction='batchmean')                      # the released code's criterion
+    torch.testing.assert_close(by_hand, sum(a * kl(head(patches[:, m].mean(1)).log_softmax(-1), targets[:, r])
+                                            for r, (m, a) in enumerate(((mask, 2 / 6), (~mask, 4 / 6)))))
+    # an empty box (nothing kept): only the rest counts
     none = torch.zeros(6, dtype=torch.bool)
-    same = labels[:, :1].expand(-1, 6)
-    torch.testing.assert_close(locvit.region_mixing_loss(head, patches, same, none),
-                               F.cross_entropy(head(patches.mean(1)), labels[:, 0]))
+    torch.testing.assert_close(locvit.region_mixing_loss(head, patches, targets, none),
+                               kl(head(patches.mean(1)).log_softmax(-1), targets[:, 1]))
+    with pytest.raises(ValueError, match=r'region targets \(B, 2, K\)'):
+        locvit.region_mixing_loss(head, patches, targets[:, 0], mask)
+
+
+def test_released_patch_mix_keeps_a_rectangle_and_pastes_the_rest():
+    torch.manual_seed(0)
+    images, targets = torch.randn(6, 3, 16, 24), torch.softmax(torch.randn(6, 5), -1)    # a 4 x 6 grid
+    shares = []
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        mixed, mixed_targets, regions, mask = locvit.released_patch_mix(images, targets, (4, 6), 4, generator=g)
+        box = mask.view(4, 6)
+        if box.any():                                   # one solid rectangle of patches
+            rows, cols = box.any(1).nonzero(), box.any(0).nonzero()
+            assert box.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        pixels = box.repeat_interleave(4, 0).repeat_interleave(4, 1)
+        kept = (mixed == images).all(1)                 # (B, H, W): the pixels of the image itself
+        assert kept[:, pixels].all()
+        g = torch.Generator().manual_seed(seed)         # the rest: from one permutation of the batch
+        torch.randint(2 ** 62, (), generator=g)
+        perm = torch.randperm(6, generator=g)
+        assert torch.equal(mixed[:, :, ~pixels], images[perm][:, :, ~pixels])
+        share = box.float().mean()
+        torch.testing.assert_close(mixed_targets, share * targets + (1 - share) * targets[perm])
+        torch.testing.assert_close(regions, torch.stack([targets, targets[perm]], 1))
+        shares.append(share.item())
+    assert 0.4 < sum(shares) / len(shares) < 0.5       # about lambda ~ U(0, 1), rounded down
+    with pytest.raises(ValueError, match='do not fit a 4x4 grid'):
+        locvit.released_patch_mix(images, targets, (4, 4), 4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,18 +288,25 @@ def test_every_loss_trains_every_family(name, img_size):
     model = tiny(name, img_size)
     with torch.no_grad():                  # pycls inits the head at zero
         model.head.weight.normal_(0, 0.02)
-    wrapper = train.PatchDiversity(model, dict.fromkeys(train.DIVERSE, 1.0), 10)
+    paper = [k for k in train.DIVERSE if k != 'mix-released']
     images, labels = torch.randn(2, 3, *locvit.pair(img_size)), torch.tensor([1, 7])
-    mixed, target, patch_labels, mask = locvit.patch_cutmix(images, labels, 10, model.grid,
-                                                            model.patch_size, return_mask=True)
-    logits, terms = wrapper(mixed, patch_labels, mask)
-    assert set(terms) == set(train.DIVERSE)
-    for key, loss in terms.items():
-        assert loss.ndim == 0 and torch.isfinite(loss), key
-    cls = torch.sum(-target * logits.log_softmax(-1), dim=-1).mean()
-    (cls + sum(terms.values())).backward()
-    assert model.blocks[-1].norm1.weight.grad.abs().sum() > 0
-    assert wrapper.patch_head.weight.grad.abs().sum() > 0
+    for names in (paper, ['con-released', 'mix-released']):
+        wrapper = train.PatchDiversity(model, dict.fromkeys(names, 1.0), 10, smoothing=0.1)
+        torch.manual_seed(0)
+        mixed, target = wrapper.mix(images, labels)
+        logits, terms = wrapper(mixed)
+        assert set(terms) == set(names)
+        for key, loss in terms.items():
+            assert loss.ndim == 0 and torch.isfinite(loss), key
+        cls = torch.sum(-target * logits.log_softmax(-1), dim=-1).mean()
+        model.zero_grad()
+        (cls + sum(terms.values())).backward()
+        assert model.blocks[-1].norm1.weight.grad.abs().sum() > 0
+        assert wrapper.patch_head.weight.grad.abs().sum() > 0
+    wrapper = train.PatchDiversity(model, dict.fromkeys(paper, 1.0), 10)
+    torch.manual_seed(0)
+    mixed, target = wrapper.mix(images, labels)
+    logits, terms = wrapper(mixed)
     # the contrastive anchor is the patch embedding: the stem's output, before any attention
     tokens, layers = model.forward_features(mixed, return_layers=True)
     embed = locvit.img2seq(model.patch_embed(mixed))
@@ -287,7 +328,7 @@ def test_parse_diverse_accepts_names_and_weights():
     off = dict.fromkeys(train.DIVERSE, 0.0)
     assert train.parse_diverse('cos,con,mix') == {**off, 'cos': 1.0, 'con': 1.0, 'mix': 1.0}
     assert train.parse_diverse('cos=1, con-dot=0.5') == {**off, 'cos': 1.0, 'con-dot': 0.5}
-    assert train.parse_diverse(' mix-region = 2e-1 ') == {**off, 'mix-region': 0.2}
+    assert train.parse_diverse(' mix-released = 2e-1 ') == {**off, 'mix-released': 0.2}
     assert train.parse_diverse('') == off
 
 
@@ -299,6 +340,7 @@ def test_parse_diverse_accepts_names_and_weights():
     ('cos=', r"malformed weight in 'cos='"),
     ('cos,,mix', r"unknown over-smoothing loss ''"),
     ('cos,cos=2', r"'cos' is given twice"),
+    ('mix,mix-released', r'mix the batch differently; choose one'),
 ])
 def test_parse_diverse_rejects_bad_parts(spec, message):
     import train

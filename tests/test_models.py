@@ -316,18 +316,29 @@ def test_forward_features_returns_every_layer():
 
 
 def test_talking_heads_switch():
+    """Talking heads mix the heads' logits before the softmax and their weights after it, with
+    bias-free H x H maps (the over-smoothing code's proj_pre / proj_post): a bias after the softmax
+    would change the function. Checked against the released form, a Linear over the head axis."""
     attn = locvit.Attention(32, 4, talking_heads=True)
+    assert attn.proj_l.bias is None and attn.proj_w.bias is None
+    assert locvit.count_params(attn) == locvit.count_params(locvit.Attention(32, 4)) + 2 * 4 * 4
     x = torch.randn(2, 10, 32)
     plain = locvit.Attention(32, 4)
     plain.load_state_dict(attn.state_dict(), strict=False)
     with torch.no_grad():                  # identity mixing = ordinary attention
         for lin in (attn.proj_l, attn.proj_w):
             lin.weight.copy_(torch.eye(4))
-            lin.bias.zero_()
     torch.testing.assert_close(attn(x), plain(x))
     with torch.no_grad():
         attn.proj_l.weight.copy_(torch.randn(4, 4))
+        attn.proj_w.weight.copy_(torch.randn(4, 4))
     assert not torch.allclose(attn(x), plain(x))
+    q, k, v = attn.qkv(x).reshape(2, 10, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    logits = (q @ k.transpose(-2, -1)) * 8 ** -0.5
+    logits = attn.proj_l(logits.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)       # released form
+    weights = attn.proj_w(logits.softmax(dim=-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(attn.attention(x), weights)
+    torch.testing.assert_close(attn(x), attn.proj((weights @ v).transpose(1, 2).reshape(2, 10, 32)))
     model = locvit.create_model('deit_t', img_size=32, patch_size=4, depth=2, talking_heads=True)
     check_all_gradients(model, torch.randn(2, 3, 32, 32))
 
@@ -342,7 +353,7 @@ def test_unknown_model_lists_close_names():
 
 
 def test_unknown_option_is_refused():
-    with pytest.raises(ValueError, match="no option 'dropout'"):
+    with pytest.raises(ValueError, match='no option dropout'):
         locvit.create_model('deit_t', dropout=0.1)
 
 
