@@ -40,8 +40,9 @@ def image(name):
 
 
 def tile(part, row, col):
+    """The tile at (row, col) of a fixture PNG, uint8 (3, tile, tile), a copy."""
     s = part['tile']
-    return image(part['image'])[:, row * s:(row + 1) * s, col * s:(col + 1) * s]
+    return image(part['image'])[:, row * s:(row + 1) * s, col * s:(col + 1) * s].clone()
 
 
 def jpeg_bytes(w, h, seed, quality):
