@@ -22,12 +22,6 @@ from bench_input import synthetic_photo
 TF = A.TF
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')   # torchvision.io -> TorchCodec
 
-try:
-    import timm.data.auto_augment as timm_aa
-except ImportError:
-    timm_aa = None
-needs_timm = pytest.mark.skipif(timm_aa is None, reason='timm is not installed: it is the reference '
-                                                        'these tests compare against')
 SIGNED = {'Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel', 'ColorIncreasing',
           'ContrastIncreasing', 'BrightnessIncreasing', 'SharpnessIncreasing'}
 
@@ -98,41 +92,6 @@ def test_ops_apply_those_arguments(backend):
     line[:, :, 150] = 255
     moved = run('TranslateXRel', line)[0, 50]                                 # 0.405 * 200 = 81 px
     assert moved.argmax().item() == 150 - 81 and moved[200 - 81:].tolist() == [A.FILL[0]] * 81
-
-
-@needs_timm
-def test_same_ops_and_levels_as_timm():
-    hparams = dict(translate_const=100, img_mean=A.FILL, interpolation=Image.BICUBIC)
-    ra = timm_aa.rand_augment_transform('rand-m9-mstd0.5-inc1', hparams)
-    assert [op.name for op in ra.ops] == list(A.RANDAUG_OPS) and ra.num_layers == 2
-    for op in ra.ops:
-        assert (op.prob, op.magnitude, op.magnitude_std) == (0.5, 9, 0.5)
-        assert op.kwargs == dict(fillcolor=A.FILL, resample=Image.BICUBIC)
-        for m in [0, 0.3, 1, 2.5, 4.99, 5, 7.5, 8.7, 9, 9.49, 10]:
-            if op.level_fn is None:
-                assert A.randaug_arg(op.name, m) is None
-                continue
-            got = {op.level_fn(m, op.hparams)[0] for _ in range(40)}               # both signs
-            ours = {A.randaug_arg(op.name, m, s) for s in ((1, -1) if op.name in SIGNED else (1,))}
-            assert got == ours, (op.name, m)
-
-
-@needs_timm
-@pytest.mark.parametrize('name', list(A.RANDAUG_OPS))
-@pytest.mark.parametrize('magnitude,sign', [(9, 1), (9, -1), (6.3, 1)])
-def test_ops_match_timm(pil224, name, magnitude, sign):
-    """PIL backend: identical to timm's op; tensor backend (the GPU path): within interpolation noise."""
-    op = timm_aa.AugmentOp(name, prob=1.0, magnitude=magnitude, hparams=dict(
-        translate_const=100, img_mean=A.FILL, interpolation=Image.BICUBIC))
-    arg = A.randaug_arg(name, magnitude, sign)
-    ref = TF.pil_to_tensor(op.aug_fn(pil224, *(() if arg is None else (arg,)), **op.kwargs)).int()
-    assert torch.equal(TF.pil_to_tensor(A.RANDAUG_OPS[name][0](pil224, arg)).int(), ref)
-    diff = (A.RANDAUG_OPS[name][0](TF.pil_to_tensor(pil224), arg).int() - ref).abs()
-    if name in ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel'):
-        # grid_sample's bicubic kernel (a = -0.75) is not Pillow's (a = -1): small differences
-        assert diff.float().mean() < 1.0 and (diff > 3).float().mean() < 0.02
-    else:                                     # rounding of blends: at most one level
-        assert diff.max() <= 1
 
 
 def test_posterize_zero_bits_is_black(pil224):
@@ -247,19 +206,6 @@ def test_train_transform_output():
     levels = (outs * std + mean) * 255                                  # back to 0..255 integers
     assert levels.min() > -1e-3 and levels.max() < 255 + 1e-3 and (levels - levels.round()).abs().max() < 1e-3
     assert A.augment_train(data, rng=rng).isfinite().all()
-
-
-@needs_timm
-def test_val_transform_matches_timm():
-    from timm.data import create_transform
-    ref_t = create_transform(224, is_training=False, interpolation='bicubic', crop_pct=0.875)
-    cfg = config()
-    for w, h in [(500, 375), (375, 500), (640, 480), (1024, 768)]:
-        data = jpeg_bytes(w, h, seed=w)
-        ref = ref_t(Image.open(io.BytesIO(data.numpy())).convert('RGB'))
-        diff = (A.augment_val(data) - ref).abs() * 255 * 0.226        # ~ intensity levels
-        assert diff.mean() < 0.6 and diff.max() < 5, (w, h)
-        assert torch.equal(A.val_transform(data, cfg), A.augment_val(data))    # the folder's adapter
 
 
 def test_val_solid_colour_normalised():
