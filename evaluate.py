@@ -55,6 +55,9 @@ def classifier_size(obj, weights='model'):
 def checkpoint_and_arch(checkpoint, arch=None):
     """-> (the checkpoint: a path is read, a dict or None stays; the model: `arch`, else the checkpoint's)."""
     obj = locvit.read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    if arch and is_ours(obj) and locvit.model_name(arch) != obj['arch']:
+        raise ValueError(f'the checkpoint is a {obj["arch"]} run, not {locvit.model_name(arch)}; drop --arch (our '
+                         f'checkpoints name their model) or give a {locvit.model_name(arch)} checkpoint')
     arch = arch or (obj.get('arch') if isinstance(obj, Mapping) else None)
     if not arch:
         raise ValueError(NO_ARCH)
@@ -238,32 +241,42 @@ def analyze(model, images):
     kind = lambda a: {locvit.GPSA: 'GPSA', locvit.Attention: 'MHSA'}.get(type(a), type(a).__name__)
     nonlocal_ = [None if m is None else nonlocality(m, grid) for m in maps]
     missing = sorted({kind(a) for (_, a), m in zip(blocks, maps) if m is None})
-    notes = [f'{name}: a pyramid; the blocks and layers here are those of its last stage ({grid[0]}x'
-             f'{grid[1]} patches)'] * hasattr(model, 'stages')
-    notes += [f'{name}: {", ".join(missing)} has no attention_map (no one global map): no nonlocality '
-              f'and no attention pictures'] * bool(missing)
-    notes += [f'{name}: no GPSA blocks: no gating values and no kernel pictures'] * all(g is None for g in gates)
+    notes = []
+    if hasattr(model, 'stages'):
+        notes.append(f'{name}: a pyramid; the blocks and layers here are those of its last stage '
+                     f'({grid[0]}x{grid[1]} patches)')
+    if missing:
+        notes.append(f'{name}: {", ".join(missing)} has no attention_map (no one global map): no '
+                     f'nonlocality and no attention pictures')
+    if all(g is None for g in gates):
+        notes.append(f'{name}: no GPSA blocks: no gating values and no kernel pictures')
+    similarity = None
+    if grid[0] * grid[1] > 1:
+        similarity = locvit.patch_similarity(layers, grid).tolist()
+    else:
+        notes.append(f'{name}: one patch on the final grid at this image size: no patch similarity')
     listed = lambda values: [None if v is None else v.tolist() for v in values]
     return {'arch': name, 'grid': list(grid), 'images': len(images), 'blocks': [l for l, _ in blocks],
             'attention': [kind(a) for _, a in blocks], 'nonlocality': listed(nonlocal_),
             'nonlocality_mean': [None if d is None else d.mean().item() for d in nonlocal_],
             'nonlocality_uniform': uniform_nonlocality(grid),
             'class_token_share': listed([None if m is None else class_token_share(m, grid) for m in maps]),
-            'gating': listed(gates), 'patch_similarity': locvit.patch_similarity(layers, grid).tolist(),
+            'gating': listed(gates), 'patch_similarity': similarity,
             'notes': notes, 'definitions': DEFINITIONS}
 
 
 def analysis_table(result):
     """The analysis as a Markdown table: one row per layer (0 = the embedding)."""
     heads = lambda v: '' if v is None else ' '.join(f'{x:.2f}' for x in v)
+    similarity = result['patch_similarity'] or [None] * (len(result['blocks']) + 1)
+    number = lambda v, digits: '' if v is None else f'{v:.{digits}f}'
     rows = ['| layer | attention | nonlocality (mean) | nonlocality per head | gating σ(λ) per head | '
             'class-token share | patch similarity |', '|---|---|---:|---|---|---|---:|',
-            f'| 0 (embedding) | | | | | | {result["patch_similarity"][0]:.3f} |']
+            f'| 0 (embedding) | | | | | | {number(similarity[0], 3)} |']
     for i, l in enumerate(result['blocks']):
-        mean = result['nonlocality_mean'][i]
-        rows.append(f'| {l} | {result["attention"][i]} | {"" if mean is None else f"{mean:.2f}"} | '
+        rows.append(f'| {l} | {result["attention"][i]} | {number(result["nonlocality_mean"][i], 2)} | '
                     f'{heads(result["nonlocality"][i])} | {heads(result["gating"][i])} | '
-                    f'{heads(result["class_token_share"][i])} | {result["patch_similarity"][l]:.3f} |')
+                    f'{heads(result["class_token_share"][i])} | {number(similarity[l], 3)} |')
     return '\n'.join(rows)
 
 
@@ -365,7 +378,8 @@ def layers_figure(result, title=''):
         ax.set(title='Gates of the GPSA heads', xlabel='block', ylim=(0, 1),
                ylabel='gate σ(λ): share of positional attention')
         ax.legend(fontsize=8, ncol=1 + (len(gpsa[0][1]) > 6))
-    axes[0].plot(result['patch_similarity'], 'o-', color='tab:red')
+    if result['patch_similarity']:
+        axes[0].plot(result['patch_similarity'], 'o-', color='tab:red')
     axes[0].set(title='Patch similarity (over-smoothing)', xlabel='layer (0 = embedding)',
                 ylabel='mean |cosine| between patches', ylim=(0, 1))
     for ax in fig.axes:
@@ -462,26 +476,12 @@ def run_analysis(args):
 #    from torch.utils.benchmark's blocked_autorange (the median per call; it synchronises CUDA and
 #    sets the threads); peak memory beyond weights and inputs; timm's twins (locvit.ALIASES) beside.
 
-def memory(device, reset=False):
-    """Bytes in use (reset: the peak restarts) or the peak since: CUDA's, or this process's RSS."""
-    if device.type == 'cuda':
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
-        return (torch.cuda.memory_allocated if reset else torch.cuda.max_memory_allocated)(device)
-    try:
-        if reset:
-            pathlib.Path('/proc/self/clear_refs').write_text('5')
-        return next(int(line.split()[1]) * 1024 for line in pathlib.Path('/proc/self/status').read_text().splitlines()
-                    if line.startswith(('VmHWM:', 'VmRSS:')[reset]))
-    except OSError:                           # no /proc: the peak since the process started
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def workloads(model, batch_size, img_size, device, dtype='fp32', compile=False):
-    """-> (forward, step) on a random batch on a torch.device: inference (BN folded), a training step."""
+    """-> (forward, step) on a random batch on a torch.device: inference (BN folded), a training step
+    as train.py runs it (the LFF's recomputation on)."""
     model = model.to(device)
     fused = locvit.fuse_batchnorm(copy.deepcopy(model))     # inference: BN folded into the convs
+    train.recompute_lff(model)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, getattr(model, 'num_classes', 1000), (batch_size,), device=device)
     optimizer = torch.optim.AdamW(model.train().parameters(), lr=1e-4)
@@ -504,35 +504,43 @@ def workloads(model, batch_size, img_size, device, dtype='fp32', compile=False):
     return forward, step
 
 
-def measure(model, batch_size, img_size, device, dtype='fp32', compile=False, min_run_time=1.0, warmup=2):
-    """-> {'forward', 'train': images/s, 'peak_mb': MB beyond the weights and the inputs}."""
+def peak_memory(device):
+    """The peak since the last call (CUDA) or since the process started (CPU: its peak RSS), in bytes."""
+    if device.type == 'cuda':
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench_one(name, overrides, img_size, batch_size, device, dtype, compile, min_run_time, warmup, threads):
+    """Build and measure one model ('timm:<name>': timm's) in this process: -> its row, images/s and
+    the peak memory beyond the weights and the input batch."""
     from torch.utils import benchmark
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    if name.startswith('timm:'):              # timm's model: no MACs counted
+        import timm
+        model, row = timm.create_model(name[5:], img_size=img_size), {}
+    else:
+        model = locvit.create_model(name, img_size=img_size, **overrides)
+        row = {'macs': locvit.count_macs(model)}
+    device = torch.device(device)
     forward, step = workloads(model, batch_size, img_size, device, dtype, compile)
-    base, seconds = memory(device, reset=True), {}
+    base = peak_memory(device)
     for key, fn in (('forward', forward), ('train', step)):
         for _ in range(warmup):               # compilation, autotuning, the optimizer's state
             fn()
         timer = benchmark.Timer('fn()', globals={'fn': fn}, num_threads=torch.get_num_threads())
-        seconds[key] = timer.blocked_autorange(min_run_time=min_run_time).median
-    return {'forward': batch_size / seconds['forward'], 'train': batch_size / seconds['train'],
-            'peak_mb': max(0, memory(device) - base) / 2 ** 20}
-
-
-def bench_one(name, overrides, img_size, batch_size, device, dtype, compile, min_run_time, warmup, threads):
-    """Build and measure one model ('timm:<name>': timm's) in this process: -> its row."""
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    timm = name.startswith('timm:') and __import__('timm')      # timm's model: no MACs counted
-    model = (timm.create_model(name[5:], img_size=img_size) if timm
-             else locvit.create_model(name, img_size=img_size, **overrides))
-    macs = {} if timm else {'macs': locvit.count_macs(model)}
-    return {'model': name, 'params': locvit.count_params(model), **macs,
-            **measure(model, batch_size, img_size, torch.device(device), dtype, compile, min_run_time, warmup)}
+        row[key] = batch_size / timer.blocked_autorange(min_run_time=min_run_time).median
+    return {'model': name, 'params': locvit.count_params(model), **row,
+            'peak_mb': max(0, peak_memory(device) - base) / 2 ** 20}
 
 
 def bench_in_child(spec):
-    """bench_one in a fresh Python process. A harness of our own, kept for the CPU: a process's
-    peak RSS never goes down, so only a fresh process per model measures that model's peak."""
+    """bench_one in a fresh Python process (on the CPU: a process's peak RSS never goes down, so only
+    a fresh process per model measures that model's peak)."""
     code = 'import json, sys, evaluate; print(json.dumps(evaluate.bench_one(**json.loads(sys.argv[1]))))'
     result = subprocess.run([sys.executable, '-c', code, json.dumps(spec)], capture_output=True,
                             text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -542,80 +550,62 @@ def bench_in_child(spec):
     return json.loads(lines[-1])
 
 
-def median_of_rounds(results):
-    """[(ours, theirs) per round] -> medians over the rounds; ours['ratio']: the median of the rounds'
-    ours/theirs (a round measures both one after the other: on a drifting machine, it drifts less)."""
-    keys = ('forward', 'train', 'peak_mb')
-    median = lambda rows: next((r for r in rows if 'error' in r), None) or {
-        **rows[0], **{k: statistics.median(r[k] for r in rows) for k in keys}}
-    ours = median([o for o, _ in results])
-    if results[0][1] is None:
-        return ours, None
-    theirs = median([t for _, t in results])
-    if 'error' not in ours and 'error' not in theirs:
-        ours['ratio'] = {k: statistics.median(o[k] / t[k] if t[k] else float('nan') for o, t in results)
-                         for k in keys}
-    return ours, theirs
+KEYS = ('forward', 'train', 'peak_mb')
+
+
+def median_of_rounds(rows):
+    """One model's rows of every round -> their medians (or the first failure)."""
+    failed = [r for r in rows if 'error' in r]
+    return failed[0] if failed else {**rows[0], **{k: statistics.median(r[k] for r in rows) for k in KEYS}}
 
 
 def benchmark_table(names, args, argv=None):
-    """Measure every model and its timm twin -> a Markdown report (command, device, versions, table)."""
+    """Measure every model and its timm twin, R rounds in turn -> a Markdown report (the command,
+    device and versions, then the table; each ours/timm ratio is the median of the rounds' ratios)."""
     names, twins = [locvit.model_name(n) for n in names], {o: t for t, o in locvit.ALIASES.items()}
     overrides = {n: {k: v for k, v in train.model_overrides(argparse.Namespace(**{**vars(args), 'arch': n}))
                      .items() if k not in ('img_size', 'drop_path')} for n in names}
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    why_not = ('model options were overridden' if any(overrides.values()) else
-               'no timm twin here' if not set(names) & set(twins) else
-               'timm is not installed' if not importlib.util.find_spec('timm') else None)
-    timm_version = None if why_not or not args.timm else __import__('timm').__version__
+    timm = args.timm and importlib.util.find_spec('timm') is not None and not any(overrides.values())
     img_size, batch_size = getattr(args, 'img_size', None) or 224, args.batch_size or 32
     spec = dict(img_size=img_size, batch_size=batch_size, device=str(device), dtype=args.dtype, compile=args.compile,
                 min_run_time=args.min_run_time, warmup=args.warmup, threads=torch.get_num_threads())
     run = bench_in_child if device.type == 'cpu' else lambda spec: bench_one(**spec)
-    rounds = [[] for _ in names]              # per model: (ours, theirs) of every round
+    pairs = {n: [] for n in names}            # per model: (ours, timm's or None) of every round
     for _ in range(args.rounds):
-        for name, results in zip(names, rounds):
-            twin = twins.get(name) if timm_version else None
-            results.append((run({**spec, 'name': name, 'overrides': overrides[name]}),
-                            twin and run({**spec, 'name': f'timm:{twin}', 'overrides': {}})))
-    cpu = [s.split(':')[1].strip() for s in pathlib.Path('/proc/cpuinfo').read_text().splitlines()
-           if s.startswith('model name')] if os.path.exists('/proc/cpuinfo') else []
-    processor = torch.cuda.get_device_name(device) if device.type == 'cuda' else (cpu or [platform.machine()])[0]
-    how = [f'{args.dtype}, batch {batch_size}, {img_size} px' + (', torch.compile' if args.compile else ''),
-           f'images/s: batch / the median time per call (torch.utils.benchmark blocked_autorange, '
-           f'{args.min_run_time:g} s of timed calls after {args.warmup} warm-up)' + (
-               f", then the median over {args.rounds} rounds (ratios: the median of the rounds' ratios)"
-               if args.rounds > 1 else ''),
-           'forward: eval mode, BatchNorms folded; train: forward + backward + AdamW step',
-           'peak memory beyond the weights and the input batch (' + (
-               'max_memory_allocated)' if device.type == 'cuda' else 'peak RSS, one process per model)')]
-    head = '| model | params (M) | GMACs | forward img/s | train img/s | peak MB | train TFLOP/s |'
-    rule = '|---|---:|---:|---:|---:|---:|---:|'
-    head, rule = (head + f' MFU (of {args.peak_tflops:g}) |', rule + '---:|') if args.peak_tflops else (head, rule)
-    if timm_version:
-        head += (' timm model | timm forward img/s | timm train img/s | timm peak MB | forward ours/timm | '
-                 'train ours/timm | memory ours/timm |')
-        rule += '---|---:|---:|---:|---:|---:|---:|'
-    elif args.timm:
-        how.append(f'timm: not compared ({why_not})')
-    command = ' '.join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
-    lines = [f'- command: `python evaluate.py {command}`',
-             f'- device: {device.type} ({processor}), threads: {torch.get_num_threads()}; torch '
-             f'{torch.__version__}' + (f', timm {timm_version}' if timm_version else ''),
-             '- ' + '; '.join(how), '', head, rule]
-    numbers = lambda r: [f'{r["forward"]:.1f}', f'{r["train"]:.1f}', f'{r["peak_mb"]:.0f}']
+        for n in names:
+            twin = run({**spec, 'name': f'timm:{twins[n]}', 'overrides': {}}) if timm and n in twins else None
+            pairs[n].append((run({**spec, 'name': n, 'overrides': overrides[n]}), twin))
+    processor = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()
+    lines = [f'- command: `python evaluate.py {" ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))}`',
+             f'- device: {device.type} ({processor}), threads: {torch.get_num_threads()}; torch {torch.__version__}'
+             + (f', timm {__import__("timm").__version__}' if timm else ''),
+             f'- {args.dtype}, batch {batch_size}, {img_size} px{", torch.compile" if args.compile else ""}; images/s: '
+             f'batch / the median time per call ({args.min_run_time:g} s of timed calls after {args.warmup} warm-up; '
+             f'the median of {args.rounds} round(s)); forward: eval mode, BatchNorms folded; train: forward, '
+             f'backward, AdamW step; peak memory beyond the weights and the input (CUDA: max_memory_allocated; '
+             f'CPU: peak RSS, a process per model); TFLOP/s: 6 FLOPs per MAC and image',
+             '', '| model | params (M) | GMACs | forward img/s | train img/s | peak MB | train TFLOP/s |'
+             + (' timm forward img/s | timm train img/s | timm peak MB | ours/timm: forward | train | memory |' if timm else ''),
+             '|---|---:|---:|---:|---:|---:|---:|' + ('---:|' * 6 if timm else '')]
     errors = []
-    for ours, theirs in map(median_of_rounds, rounds):
-        errors += [f'{r["model"]}: {r["error"]}' for r in (ours, theirs) if r and 'error' in r]
-        flops = 0 if 'error' in ours else 6 * ours['macs'] * ours['train'] / 1e12  # fwd + bwd ~ 3 fwd
-        cells = [f'`{ours["model"]}`'] + (['failed'] + ['–'] * 5 if 'error' in ours else [
-            f'{ours["params"] / 1e6:.2f}', f'{ours["macs"] / 1e9:.3f}', *numbers(ours), f'{flops:.3g}']
-        ) + ([f'{flops / args.peak_tflops:.1%}'] if args.peak_tflops else [])
-        if timm_version:
-            cells += ['–' if theirs is None else f'`{theirs["model"][5:]}`'] + (numbers(theirs) + [
-                f'{ours["ratio"][k]:.2f}' for k in ('forward', 'train', 'peak_mb')] if 'ratio' in ours else ['–'] * 6)
+    for n in names:
+        ours, theirs = median_of_rounds([o for o, _ in pairs[n]]), None
+        if 'error' in ours:
+            errors.append(f'{n}: {ours["error"]}')
+            lines.append(f'| `{n}` | failed |')
+            continue
+        cells = [f'`{n}`', f'{ours["params"] / 1e6:.2f}', f'{ours["macs"] / 1e9:.3f}',
+                 *(f'{ours[k]:.{0 if k == "peak_mb" else 1}f}' for k in KEYS), f'{6 * ours["macs"] * ours["train"] / 1e12:.3g}']
+        if pairs[n][0][1] is not None:
+            theirs = median_of_rounds([t for _, t in pairs[n]])
+        if theirs is not None and 'error' not in theirs:
+            ratios = [statistics.median(o[k] / t[k] for o, t in pairs[n] if t[k]) for k in KEYS]
+            cells += [f'{theirs[k]:.{0 if k == "peak_mb" else 1}f}' for k in KEYS] + [f'{r:.2f}' for r in ratios]
+        elif timm:
+            cells += ['–'] * 6
         lines.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines + ([''] + [f'- failed: {e}' for e in errors] if errors else []))
+    return '\n'.join(lines + [''] + [f'- failed: {e}' for e in errors] if errors else lines)
 
 
 # ==================================================================================================
@@ -656,7 +646,6 @@ def build_parser():
     g.add_argument('--rounds', type=int, default=1, metavar='R', help='measure every model and its timm twin '
                    'R times in turn; report the medians (default: 1)')
     g.add_argument('--threads', type=int, metavar='T', help="CPU threads (default: torch's)")
-    g.add_argument('--peak-tflops', type=float, metavar='P', help="the device's peak TFLOP/s (989: H100/H200, bf16): adds MFU")
     g.add_argument('--timm', action=argparse.BooleanOptionalAction, default=True, help="vs. timm's twins (default: on)")
     g.add_argument('--zoo', action='store_true', help='parameters and MACs of every model')
     return p
