@@ -1369,6 +1369,9 @@ def main(argv=None):
     if cfg.compile:
         model = torch.compile(model)
     if is_distributed():
+        for m in model.modules():           # an LFF's maps are channels-last views of the tokens, and so
+            if isinstance(m, locvit.LocalityFeedForward):   # are its weights' gradients: DDP's buckets
+                m.to(memory_format=torch.channels_last)     # want them in the weights' own layout
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
     if rank == 0:

@@ -25,13 +25,17 @@ run() {  # run NAME FLAGS...: train once; keep its log
 export -f run
 export OUT
 
-# each round runs what is ready (sweeps first; an arm's seeds once its sweep is complete)
-while true; do
-  todo=$(python tutorials/results.py --runs ${1:-})
-  [ -z "$todo" ] && break
-  [ "$todo" = "${last:-}" ] && { echo "these runs did not finish:"; echo "$todo" | cut -d'|' -f1; exit 1; }
-  last=$todo
-  echo "$todo" | xargs -P 2 -I{} bash -c 'line="{}"; run "${line%%|*}" ${line#*|}'
+# group by group (the claims complete one after another); in each, rounds run what is ready
+# (the sweeps first, an arm's seeds once its sweep is complete)
+for group in ${1:-models stems oversmoothing combined fractions finetune}; do
+  last=
+  while true; do
+    todo=$(python tutorials/results.py --runs "$group")
+    [ -z "$todo" ] && break
+    [ "$todo" = "$last" ] && { echo "these runs did not finish:"; echo "$todo" | cut -d'|' -f1; exit 1; }
+    last=$todo
+    echo "$todo" | xargs -P 2 -I{} bash -c 'line="{}"; run "${line%%|*}" ${line#*|}'
+  done
 done
 python tutorials/results.py > "$OUT/results.md"
 echo "tables in $OUT/results.md"
