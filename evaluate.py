@@ -553,10 +553,19 @@ def bench_in_child(spec):
 KEYS = ('forward', 'train', 'peak_mb')
 
 
-def median_of_rounds(rows):
-    """One model's rows of every round -> their medians (or the first failure)."""
-    failed = [r for r in rows if 'error' in r]
-    return failed[0] if failed else {**rows[0], **{k: statistics.median(r[k] for r in rows) for k in KEYS}}
+def median_of_rounds(pairs):
+    """[(ours, timm's or None) per round] -> the medians of each over the rounds (a failure: the first);
+    ours['ratio']: the median of the rounds' own ours/timm ratios (a round measures both one after the
+    other: on a drifting machine, it drifts less)."""
+    median = lambda rows: next((r for r in rows if 'error' in r), None) or {
+        **rows[0], **{k: statistics.median(r[k] for r in rows) for k in KEYS}}
+    ours = median([o for o, _ in pairs])
+    if pairs[0][1] is None:
+        return ours, None
+    theirs = median([t for _, t in pairs])
+    if 'error' not in ours and 'error' not in theirs:
+        ours['ratio'] = {k: statistics.median(o[k] / t[k] if t[k] else float('nan') for o, t in pairs) for k in KEYS}
+    return ours, theirs
 
 
 def benchmark_table(names, args, argv=None):
@@ -590,22 +599,22 @@ def benchmark_table(names, args, argv=None):
              '|---|---:|---:|---:|---:|---:|---:|' + ('---:|' * 6 if timm else '')]
     errors = []
     for n in names:
-        ours, theirs = median_of_rounds([o for o, _ in pairs[n]]), None
+        ours, theirs = median_of_rounds(pairs[n])
+        errors += [f'{r["model"]}: {r["error"]}' for r in (ours, theirs) if r and 'error' in r]
         if 'error' in ours:
-            errors.append(f'{n}: {ours["error"]}')
             lines.append(f'| `{n}` | failed |')
             continue
-        cells = [f'`{n}`', f'{ours["params"] / 1e6:.2f}', f'{ours["macs"] / 1e9:.3f}',
-                 *(f'{ours[k]:.{0 if k == "peak_mb" else 1}f}' for k in KEYS), f'{6 * ours["macs"] * ours["train"] / 1e12:.3g}']
-        if pairs[n][0][1] is not None:
-            theirs = median_of_rounds([t for _, t in pairs[n]])
-        if theirs is not None and 'error' not in theirs:
-            ratios = [statistics.median(o[k] / t[k] for o, t in pairs[n] if t[k]) for k in KEYS]
-            cells += [f'{theirs[k]:.{0 if k == "peak_mb" else 1}f}' for k in KEYS] + [f'{r:.2f}' for r in ratios]
+        cells = [f'`{n}`', f'{ours["params"] / 1e6:.2f}', f'{ours["macs"] / 1e9:.3f}', f'{ours["forward"]:.1f}',
+                 f'{ours["train"]:.1f}', f'{ours["peak_mb"]:.0f}', f'{6 * ours["macs"] * ours["train"] / 1e12:.3g}']
+        if 'ratio' in ours:
+            cells += [f'{theirs["forward"]:.1f}', f'{theirs["train"]:.1f}', f'{theirs["peak_mb"]:.0f}',
+                      *(f'{ours["ratio"][k]:.2f}' for k in KEYS)]
         elif timm:
             cells += ['–'] * 6
         lines.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines + [''] + [f'- failed: {e}' for e in errors] if errors else lines)
+    if errors:
+        lines += [''] + [f'- failed: {e}' for e in errors]
+    return '\n'.join(lines)
 
 
 # ==================================================================================================

@@ -4,7 +4,7 @@ machine whose speed drifts, turns within one process compare more fairly than th
 processes of `evaluate.py --benchmark` (which also measures peak memory, per process); the same
 calls (`evaluate.workloads`). Also the
 activations a training forward saves for backward, in MB (each storage once), and for models with
-LocalViT's LFF the same without its recomputation (`locvit.recompute` replaced by a plain call).
+LocalViT's LFF the same without its recomputation (a model without `train.recompute_lff`).
 
     python tests/bench_side_by_side.py [--models deit_t localvit_t convit_t] [--batch-size 32] [--rounds 5]
 
@@ -72,10 +72,8 @@ def main():
         x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
         saved = saved_mb(models[a], x)
         lff = any(isinstance(m, locvit.LocalityFeedForward) for m in models[a].modules())
-        if lff:
-            recompute, locvit.recompute = locvit.recompute, lambda module, fn, *inputs: fn(*inputs)
-            plain = saved_mb(models[a], x)
-            locvit.recompute = recompute
+        if lff:                             # workloads() turned the recomputation on; a fresh model has it off
+            plain = saved_mb(locvit.create_model(a, img_size=args.img_size), x)
         print(f'| `{a}` | {saved:.0f} | {f"{plain:.0f}" if lff else "–"} |')
 
 

@@ -72,8 +72,9 @@ def test_released_checkpoints_give_the_reference_logits(name, tmp_path):
     torch.save(released_layout(name, fx['state_dict']), tmp_path / f'{name}.pth')
     model, _ = evaluate.load_model(str(tmp_path / f'{name}.pth'), arch, **overrides)
     assert not model.training and model.num_classes == 10      # read from the classifier
+    x = fx['input'].flip(1) if name.startswith('vit_') else fx['input']    # pycls: BGR in, ours: RGB
     with torch.no_grad():
-        tokens = model.forward_features(fx['input'])
+        tokens = model.forward_features(x)
         torch.testing.assert_close(model.forward_head(tokens), fx['logits'], atol=1e-5, rtol=1e-4)
         if 'final_tokens' in fx:
             torch.testing.assert_close(tokens, fx['final_tokens'], atol=1e-5, rtol=1e-4)
@@ -446,7 +447,7 @@ def test_benchmark_prints_a_markdown_table(capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert 'threads: 1' in out and 'the median over 2 rounds' in out
+    assert 'threads: 1' in out and 'the median of 2 round(s)' in out
     assert '- command: `python evaluate.py --benchmark convit_t' in out and 'torch ' in out
     assert 'torch.utils.benchmark' in out and 'BatchNorms folded' in out
     assert '| model | params (M) | GMACs | forward img/s | train img/s | peak MB |' in out
