@@ -590,7 +590,7 @@ def benchmark_table(names, args, argv=None):
              f'- device: {device.type} ({processor}), threads: {torch.get_num_threads()}; torch {torch.__version__}'
              + (f', timm {__import__("timm").__version__}' if timm else ''),
              f'- {args.dtype}, batch {batch_size}, {img_size} px{", torch.compile" if args.compile else ""}; images/s: '
-             f'batch / the median time per call ({args.min_run_time:g} s of timed calls after {args.warmup} warm-up; '
+             f'batch / the median time per call (torch.utils.benchmark: {args.min_run_time:g} s of timed calls after {args.warmup} warm-up; '
              f'the median of {args.rounds} round(s)); forward: eval mode, BatchNorms folded; train: forward, '
              f'backward, AdamW step; peak memory beyond the weights and the input (CUDA: max_memory_allocated; '
              f'CPU: peak RSS, a process per model); TFLOP/s: 6 FLOPs per MAC and image',

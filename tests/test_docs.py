@@ -25,10 +25,6 @@ TUTORIALS = sorted(glob.glob(os.path.join(ROOT, 'tutorials', '0*.md')))
 ARROW = '# -> '
 # README.md blocks that still use an earlier block's imports, by their first line: they run in
 # order only, until they import what they use. Every other block must run alone.
-NOT_YET_ALONE = {
-    "print(locvit.model_options('deit_t')[-6:])  # -> ['conv_stem', 'local_up_to_layer', 'gpsa', 'lff', 'talking_heads', 'init']",
-    'import evaluate',
-}
 
 
 def python_blocks(path):
@@ -168,8 +164,7 @@ WITH_BLOCKS = [p for p in DOCS if python_blocks(p)]
 @pytest.mark.parametrize('path', WITH_BLOCKS, ids=[os.path.relpath(p, ROOT) for p in WITH_BLOCKS])
 def test_markdown_python_blocks_run_alone(path, tmp_path):
     rel = os.path.relpath(path, ROOT)
-    blocks = [(f'{rel}, python block {i + 1}', block) for i, block in enumerate(python_blocks(path))
-              if not (rel == 'README.md' and block.splitlines()[0] in NOT_YET_ALONE)]
+    blocks = [(f'{rel}, python block {i + 1}', block) for i, block in enumerate(python_blocks(path))]
     runs = run_alone(blocks, str(tmp_path))
     failed = [f'{name} failed alone:\n{output[-3000:]}' for (name, _), (passed, output, _) in zip(blocks, runs)
               if not passed]
