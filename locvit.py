@@ -21,6 +21,8 @@ Read it top to bottom, in the papers' order; every piece uses only what is above
   Appendix B            checkpoints: ours, timm's and the official releases; released weights
   Appendix C            the model zoo: create_model(name, pretrained=False, **overrides)
   Appendix D            measuring: count_params, count_macs
+  Appendix E            the over-smoothing paper's released code: its contrastive loss, patch mix
+                        and region loss
 
 Shapes: B batch, N tokens, C (= D) width, H heads, d = C/H head width, h x w the patch grid.
 Tokens are always row-major over the grid (token n <-> row n // w, column n % w); a class token,
@@ -556,9 +558,8 @@ class VisionTransformer(Backbone):
 #      mixing       CutMix on the patch grid, every patch labelled with the image it came from;
 #                   L_mix = (1/n) Σ_i CE(head_patch(h^L_i), y_i)
 #    The mean |cosine| measured on every layer is the over-smoothing curve (patch_similarity).
-#    The released code's variants (a 3-way contrastive loss; its own patch mix on top of MixUp /
-#    CutMix, with a region-mean mixing loss on soft targets) sit beside the paper's. Plain
-#    functions on token tensors; the training script weighs and adds them.
+#    Plain functions on token tensors; the training script weighs and adds them. The released
+#    code's variants of the losses and of the mixing are in appendix E.
 # ==================================================================================================
 
 def patch_tokens(layer, grid):
@@ -614,28 +615,6 @@ def patch_contrastive_loss(embed, last, temperature=0.1, normalize=True):
     return F.cross_entropy(rearrange(logits, 'b i j -> (b i) j'), positives)
 
 
-def patch_contrastive_loss_released(embed, out, grid, window=7):
-    """The released code's contrastive loss (DiversePatch, deit/models.py, `similarity`). The anchor a_i
-    is the detached patch embedding; three candidates from the last layer after the final norm (out)
-    compete, by raw dot product (no normalisation, τ = 1):
-        positive  out_i                                 the same position
-        negative  Σ_{j≠i} out_j / (n - 1)               the mean of the other patches
-        negative  Σ_{j∈W(i), j≠i} out_j / (k² - 1)      the k x k neighbourhood W(i), zero-padded (k 7)
-        L = -mean_{b,i} log(softmax([a_i·pos, a_i·neg_1, a_i·neg_2])[0] + 1e-8)
-    The 1e-8 (kept, as released) caps each term at ≈ 18.4. Needs torch, seq2img, img2seq."""
-    h, w = grid
-    if embed.ndim != 3 or embed.shape != out.shape or embed.shape[1] != h * w or h * w < 2:
-        raise ValueError(f'expected embedding and last-layer patch tokens (B, {h * w}, C) for the '
-                         f'{h}x{w} grid, got {tuple(embed.shape)} and {tuple(out.shape)}')
-    anchor = embed.detach()
-    z = seq2img(out, grid)                                                  # (B, C, h, w)
-    window_sum = F.avg_pool2d(z, window, stride=1, padding=window // 2, divisor_override=1)
-    neighbours = (window_sum - z) / (window ** 2 - 1)
-    others = (z.sum(dim=(2, 3), keepdim=True) - z) / (h * w - 1)
-    logits = torch.stack([(anchor * img2seq(c)).sum(-1) for c in (z, others, neighbours)], -1)
-    return -(logits.softmax(dim=-1)[..., 0] + 1e-8).log().mean()           # logits (B, n, 3)
-
-
 def patch_cutmix(images, labels, num_classes, grid, patch_size, alpha=1.0, generator=None,
                  return_mask=False):
     """CutMix with the box on the patch grid, so that every patch comes from one image: λ ~ Beta(α,
@@ -689,55 +668,6 @@ def patch_mixing_loss(patch_logits, patch_labels):
                          f'{tuple(patch_logits.shape)} and {tuple(patch_labels.shape)}')
     return F.cross_entropy(rearrange(patch_logits, 'b n k -> (b n) k'),
                            rearrange(patch_labels, 'b n -> (b n)'))
-
-
-def released_patch_mix(images, targets, grid, patch_size, generator=None):
-    """The released code's patch mix (PatchVisionTransformer, deit/engine.py), applied after the batch's
-    MixUp / CutMix: a rectangle of patches keeps each image, the rest comes from a permuted batch. The
-    rectangle covers a = ⌊λ h w⌋ patches, λ ~ U(0, 1), in a random shape: r rows, r drawn in [1,
-    max(1, min(h, a) - 1)], and a // r columns (at most w, then r = a // w), at a uniform position.
-    images (B, C, h*P, w*P), targets (B, K) probabilities (soft, already mixed). ->
-      mixed images; targets s t + (1 - s) t[perm], s the rectangle's share of the grid;
-      region targets (B, 2, K) = [t, t[perm]] (the rectangle, the rest); mask (h*w,) bool, True inside.
-    The draws come from `generator` or torch's global one. Needs torch and einops."""
-    (h, w), p = grid, patch_size
-    if images.ndim != 4 or tuple(images.shape[-2:]) != (h * p, w * p) or targets.shape[:1] != images.shape[:1]:
-        raise ValueError(f'images {tuple(images.shape)} and targets {tuple(targets.shape)} do not fit a {h}x{w} '
-                         f'grid of {p}-pixel patches: expected (B, C, {h * p}, {w * p}) and (B, K)')
-    rng = random.Random(int(torch.randint(2 ** 62, (), generator=generator)))
-    area = int(h * w * rng.random())
-    rows = rng.randint(1, max(1, min(h, area) - 1))
-    cols = area // rows
-    if cols > w:
-        cols, rows = w, area // w
-    top, left = rng.randint(0, max(0, h - rows)), rng.randint(0, max(0, w - cols))
-    box = torch.zeros(h, w, dtype=torch.bool, device=images.device)
-    box[top:top + rows, left:left + cols] = True
-    perm = torch.randperm(len(images), generator=generator).to(images.device)
-    pixels = box.repeat_interleave(p, 0).repeat_interleave(p, 1)
-    mixed = torch.where(pixels, images, images[perm])
-    share = box.float().mean()
-    return (mixed, share * targets + (1 - share) * targets[perm],
-            torch.stack([targets, targets[perm]], dim=1), rearrange(box, 'h w -> (h w)'))
-
-
-def region_mixing_loss(head, patches, region_targets, mask):
-    """The released code's form of the mixing loss: average the patch tokens (B, n, C) of each region
-    (mask (n,) True: the rectangle of released_patch_mix; False: the rest), classify each region's
-    mean with head, and score it against the region's soft targets (B, 2, K) by KL divergence,
-    weighted by the region's area:  L = Σ_r (|r| / n) KL(p_r ‖ softmax(head(mean_{i∈r} h_i))).
-    (The released code puts a dropout of 0.2 in `head`.) Needs torch."""
-    b, n = patches.shape[:2] if patches.ndim == 3 else (None, None)
-    if n is None or region_targets.shape[:2] != (b, 2) or mask.shape != (n,) or mask.dtype != torch.bool:
-        raise ValueError(f'expected patch tokens (B, n, C), region targets (B, 2, K) and a bool mask '
-                         f'(n,), got {tuple(patches.shape)}, {tuple(region_targets.shape)} and '
-                         f'{mask.dtype} {tuple(mask.shape)}')
-    regions = torch.stack([mask, ~mask]).to(patches.dtype)                 # (2, n)
-    size = regions.sum(dim=1)
-    means = regions @ patches / size.clamp(min=1)[:, None]                 # (B, 2, C)
-    log_q = F.log_softmax(head(means).float(), dim=-1)                     # (B, 2, K)
-    kl = F.kl_div(log_q, region_targets.float(), reduction='none').sum(-1).mean(0)    # (2,)
-    return (kl * size / n).sum()
 
 
 # ==================================================================================================
@@ -1543,3 +1473,81 @@ def count_macs(model, img_size=None):
         model(x)
     model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+# ==================================================================================================
+# Appendix E. The over-smoothing paper's released code (ChengyueGongR/PatchVisionTransformer), where
+#    it departs from the paper (section 7): a 3-way contrastive loss, its own patch mix applied on
+#    top of MixUp / CutMix, and a mixing loss on the mean token of each region, by KL divergence
+#    against the regions' soft targets. train.py's `--recipe patchdiverse` runs them.
+# ==================================================================================================
+
+def patch_contrastive_loss_released(embed, out, grid, window=7):
+    """The released code's contrastive loss (DiversePatch, deit/models.py, `similarity`). The anchor a_i
+    is the detached patch embedding; three candidates from the last layer after the final norm (out)
+    compete, by raw dot product (no normalisation, τ = 1):
+        positive  out_i                                 the same position
+        negative  Σ_{j≠i} out_j / (n - 1)               the mean of the other patches
+        negative  Σ_{j∈W(i), j≠i} out_j / (k² - 1)      the k x k neighbourhood W(i), zero-padded (k 7)
+        L = -mean_{b,i} log(softmax([a_i·pos, a_i·neg_1, a_i·neg_2])[0] + 1e-8)
+    The 1e-8 (kept, as released) caps each term at ≈ 18.4. Needs torch, seq2img, img2seq."""
+    h, w = grid
+    if embed.ndim != 3 or embed.shape != out.shape or embed.shape[1] != h * w or h * w < 2:
+        raise ValueError(f'expected embedding and last-layer patch tokens (B, {h * w}, C) for the '
+                         f'{h}x{w} grid, got {tuple(embed.shape)} and {tuple(out.shape)}')
+    anchor = embed.detach()
+    z = seq2img(out, grid)                                                  # (B, C, h, w)
+    window_sum = F.avg_pool2d(z, window, stride=1, padding=window // 2, divisor_override=1)
+    neighbours = (window_sum - z) / (window ** 2 - 1)
+    others = (z.sum(dim=(2, 3), keepdim=True) - z) / (h * w - 1)
+    logits = torch.stack([(anchor * img2seq(c)).sum(-1) for c in (z, others, neighbours)], -1)
+    return -(logits.softmax(dim=-1)[..., 0] + 1e-8).log().mean()           # logits (B, n, 3)
+
+
+def released_patch_mix(images, targets, grid, patch_size, generator=None):
+    """The released code's patch mix (PatchVisionTransformer, deit/engine.py), applied after the batch's
+    MixUp / CutMix: a rectangle of patches keeps each image, the rest comes from a permuted batch. The
+    rectangle covers a = ⌊λ h w⌋ patches, λ ~ U(0, 1), in a random shape: r rows, r drawn in [1,
+    max(1, min(h, a) - 1)], and a // r columns (at most w, then r = a // w), at a uniform position.
+    images (B, C, h*P, w*P), targets (B, K) probabilities (soft, already mixed). ->
+      mixed images; targets s t + (1 - s) t[perm], s the rectangle's share of the grid;
+      region targets (B, 2, K) = [t, t[perm]] (the rectangle, the rest); mask (h*w,) bool, True inside.
+    The draws come from `generator` or torch's global one. Needs torch and einops."""
+    (h, w), p = grid, patch_size
+    if images.ndim != 4 or tuple(images.shape[-2:]) != (h * p, w * p) or targets.shape[:1] != images.shape[:1]:
+        raise ValueError(f'images {tuple(images.shape)} and targets {tuple(targets.shape)} do not fit a {h}x{w} '
+                         f'grid of {p}-pixel patches: expected (B, C, {h * p}, {w * p}) and (B, K)')
+    rng = random.Random(int(torch.randint(2 ** 62, (), generator=generator)))
+    area = int(h * w * rng.random())
+    rows = rng.randint(1, max(1, min(h, area) - 1))
+    cols = area // rows
+    if cols > w:
+        cols, rows = w, area // w
+    top, left = rng.randint(0, max(0, h - rows)), rng.randint(0, max(0, w - cols))
+    box = torch.zeros(h, w, dtype=torch.bool, device=images.device)
+    box[top:top + rows, left:left + cols] = True
+    perm = torch.randperm(len(images), generator=generator).to(images.device)
+    pixels = box.repeat_interleave(p, 0).repeat_interleave(p, 1)
+    mixed = torch.where(pixels, images, images[perm])
+    share = box.float().mean()
+    return (mixed, share * targets + (1 - share) * targets[perm],
+            torch.stack([targets, targets[perm]], dim=1), rearrange(box, 'h w -> (h w)'))
+
+
+def region_mixing_loss(head, patches, region_targets, mask):
+    """The released code's form of the mixing loss: average the patch tokens (B, n, C) of each region
+    (mask (n,) True: the rectangle of released_patch_mix; False: the rest), classify each region's
+    mean with head, and score it against the region's soft targets (B, 2, K) by KL divergence,
+    weighted by the region's area:  L = Σ_r (|r| / n) KL(p_r ‖ softmax(head(mean_{i∈r} h_i))).
+    (The released code puts a dropout of 0.2 in `head`.) Needs torch."""
+    b, n = patches.shape[:2] if patches.ndim == 3 else (None, None)
+    if n is None or region_targets.shape[:2] != (b, 2) or mask.shape != (n,) or mask.dtype != torch.bool:
+        raise ValueError(f'expected patch tokens (B, n, C), region targets (B, 2, K) and a bool mask '
+                         f'(n,), got {tuple(patches.shape)}, {tuple(region_targets.shape)} and '
+                         f'{mask.dtype} {tuple(mask.shape)}')
+    regions = torch.stack([mask, ~mask]).to(patches.dtype)                 # (2, n)
+    size = regions.sum(dim=1)
+    means = regions @ patches / size.clamp(min=1)[:, None]                 # (B, 2, C)
+    log_q = F.log_softmax(head(means).float(), dim=-1)                     # (B, 2, K)
+    kl = F.kl_div(log_q, region_targets.float(), reduction='none').sum(-1).mean(0)    # (2,)
+    return (kl * size / n).sum()
