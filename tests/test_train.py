@@ -406,7 +406,7 @@ def test_a_non_finite_loss_names_the_step_and_the_checkpoint(capsys, tmp_path):
 
 
 def test_a_corrupt_or_mismatched_resume_checkpoint(capsys, tmp_path):
-    (tmp_path / 'last.pt').write_bytes(b'garbage')
+    (tmp_path / 'last.pt').write_bytes(b'PK garbage')                 # a zip's magic, then garbage
     err = cli_error(['--resume', str(tmp_path / 'last.pt'), '--out', str(tmp_path)], capsys)
     assert 'truncated or corrupt?)' in err
     run_train(['--arch', 'deit_t', *TINY, '--epochs', '1', '--synthetic-train', '32',
