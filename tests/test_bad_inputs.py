@@ -236,3 +236,15 @@ def test_gpu_decode_with_loader_workers_finishes_an_epoch(tmp_path):
                                                                '--data-path', root, '--img-size', '32', '--patch-size', '8']
     assert train.main(flags + ['--out', str(tmp_path / 'o')]) >= 0
     assert len(open(tmp_path / 'o' / 'log.jsonl').readlines()) == 1
+
+
+def test_help_is_grouped_and_names_what_each_data_set_uses(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_config(['--help'])
+    out = capsys.readouterr().out
+    for group in ('model:', 'data:', 'recipe:', 'run:'):
+        assert f'\n{group}\n' in out, group
+    text = ' '.join(out.split())
+    assert 'stochastic depth rate of the last block (deit, convit, convit+, patchdiverse recipes: 0.1; pycls, ' \
+           'pycls-36gf recipes: 0.0; synthetic, digits data: 0.0)' in text
+    assert 'image size (synthetic, digits, cifar data: 32; folder data: 224)' in text
