@@ -121,6 +121,10 @@ def run_accuracy(args):
             raise ValueError(f'the checkpoint classifies {k} classes, the validation data ({cfg.data}'
                              f'{" " + cfg.data_path if cfg.data_path else ""}) has {len(classes)}; evaluate it '
                              f'on the data it was trained on (e.g. --data folder --data-path IMAGENET){fix}')
+        trained_on = checkpoint.get('classes') if is_ours(checkpoint) else None
+        if trained_on and list(trained_on) != list(classes):
+            raise ValueError(f'the checkpoint was trained on the classes {", ".join(trained_on[:4])}, ..., the '
+                             f'validation data holds {", ".join(classes[:4])}, ...; evaluate it on its own data')
         loader = train.build_val_loader(cfg, val_set, rank, world, device)
         model = locvit.fuse_batchnorm(model.to(device))     # BN folded into the convs: exact
         stats = train.evaluate(model, loader, device, {'fp32': 'off'}.get(args.dtype, args.dtype))

@@ -164,6 +164,13 @@ def test_evaluate_refuses_another_arch_for_our_checkpoint(run, capsys):
     assert 'the checkpoint is a deit_t run, not localvit_t; drop --arch' in err
 
 
+def test_evaluate_refuses_other_classes(run, tmp_path, capsys):
+    other = folder(tmp_path / 'other', [str(i) for i in range(10)])     # 10 classes, other names
+    err = error(evaluate.main, ['--checkpoint', str(run / 'last.pt'), '--data', 'folder', '--data-path', other,
+                                '--workers', '0'], capsys)
+    assert 'trained on the classes disk, ring, square, frame, ..., the validation data holds 0, 1, 2, 3' in err
+
+
 def test_evaluate_analysis_skips_what_a_one_patch_grid_lacks(tmp_path, capsys):
     """PVT and Swin at 32 px end on a 1 x 1 grid: no patch similarity, said in a note; no stop."""
     result = evaluate.main(['--arch', 'pvt_t', '--img-size', '32', '--analyze', '--analyze-images', '2',
