@@ -254,12 +254,39 @@ def gates():
     runs_ = [a for a in (analysis(run_name('convit', 'synthetic', lr, s)) for s in SEEDS) if a]
     if not runs_:
         return 'not yet analysed (bash tutorials/figures.sh)'
-    rows = ['| block | gate σ(λ), mean over heads (seeds 0 / 1 / 2) | nonlocality, patches |', '|---|---|---|']
+    rows = [f'{gate_reach()}\n', '| block | gate σ(λ), mean over heads (seeds 0 / 1 / 2) | nonlocality, patches |',
+            '|---|---|---|']
     for i, block in enumerate(runs_[0]['blocks']):
         gates_ = [statistics.mean(a['gating'][i]) for a in runs_ if a['gating'][i]]
         far = [a['nonlocality_mean'][i] for a in runs_ if a['nonlocality_mean'][i] is not None]
         rows.append(f'| {block} ({runs_[0]["attention"][i]}) | {per_seed(gates_, 2)} | {per_seed(far, 2)} |')
     return '\n'.join(rows)
+
+
+def lr_budget(arm, data='synthetic'):
+    """The sum of the learning rate over a run's optimizer steps (its schedule, as train.py steps it):
+    Adam moves a parameter by about the rate each step, so this bounds how far one can travel."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    import shlex
+    import train
+    lr = best_lr(arm)
+    flags = f'{COMMON} {DATA[data]} {ARMS[arm][1]} --lr {lr}'
+    cfg = train.parse_config(shlex.split(flags))
+    images = 2500 if data == 'synthetic' else 1297
+    steps = int(images * cfg.data_fraction) // cfg.batch_size
+    schedule = train.Schedule(cfg, steps, cfg.lr * cfg.batch_size / 512)
+    total = 0.0
+    for step in range(schedule.total):
+        schedule.step = step
+        total += schedule.lr()
+    return total
+
+
+def gate_reach(arm='convit'):
+    """sigmoid(1 +- the summed rate): the farthest a gate starting at sigmoid(1) can move."""
+    budget = lr_budget(arm)
+    return (f'summed learning rate {budget:.3f}: a gate starting at σ(1) = 0.731 can reach '
+            f'{1 / (1 + math.exp(-(1 - budget))):.3f} to {1 / (1 + math.exp(-(1 + budget))):.3f}')
 
 
 def combined():
