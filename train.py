@@ -153,7 +153,7 @@ class Config:
     ema: bool = flag(None, 'an exponential moving average of the weights')
     ema_decay: float = flag(None, 'EMA decay per optimizer step')
     diverse: str = flag(None, 'patch-diversity losses (Gong et al.) and weights, e.g. cos=1,con=1,mix=1; '
-                              'also con-dot, con-released, mix-region, mix-released (see parse_diverse)')
+                              'also con-dot, con-released, mix-released (see parse_diverse)')
     head_dropout: float = flag(None, 'dropout before the class and patch heads (with --diverse)')
     # run
     amp: str = flag(None, 'autocast (default: bf16 on CUDA, off on CPU)', ('bf16', 'fp16', 'off'))
