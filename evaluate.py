@@ -508,14 +508,21 @@ def workloads(model, batch_size, img_size, device, dtype='fp32', compile=False):
     return forward, step
 
 
-def peak_memory(device):
-    """The peak since the last call (CUDA) or since the process started (CPU: its peak RSS), in bytes."""
+def peak_memory(device, reset=False):
+    """Bytes: the peak since the last reset (reset=True restarts it from what is in use now): CUDA's
+    max_memory_allocated, or on the CPU this process's peak RSS (VmHWM, reset via clear_refs)."""
     if device.type == 'cuda':
-        peak = torch.cuda.max_memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return peak
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        if reset:
+            pathlib.Path('/proc/self/clear_refs').write_text('5')
+        status = pathlib.Path('/proc/self/status').read_text().splitlines()
+        return int(next(line for line in status if line.startswith('VmHWM:')).split()[1]) * 1024
+    except OSError:                           # no /proc: the peak since the process started
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def bench_one(name, overrides, img_size, batch_size, device, dtype, compile, min_run_time, warmup, threads):
@@ -532,7 +539,7 @@ def bench_one(name, overrides, img_size, batch_size, device, dtype, compile, min
         row = {'macs': locvit.count_macs(model)}
     device = torch.device(device)
     forward, step = workloads(model, batch_size, img_size, device, dtype, compile)
-    base = peak_memory(device)
+    base = peak_memory(device, reset=True)
     for key, fn in (('forward', forward), ('train', step)):
         for _ in range(warmup):               # compilation, autotuning, the optimizer's state
             fn()
