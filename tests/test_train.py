@@ -444,3 +444,19 @@ def test_finetune_loads_the_weights_resizes_and_gives_a_new_classifier(tmp_path,
     assert torch.equal(model.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
     assert model.pos_embed.shape == (1, 1 + 12 * 12, 48) and model.head.out_features == 5
     assert train.parse_config(['--finetune', 'pretrained', '--data', 'cifar10']).img_size == 224
+
+
+def test_the_digits_data_is_the_shipped_uci_set():
+    """tutorials/data/digits.csv.gz: 1,797 images of 8x8 cells (0..16) and their digits; a fixed split
+    (0-1296 train, 1297-1796 validation), upsampled to 32 px, white ink on black, three equal channels."""
+    cfg = train.parse_config(['--data', 'digits'])
+    train_set, val_set, classes = train.build_datasets(cfg)
+    assert (len(train_set), len(val_set), classes) == (1297, 500, [str(d) for d in range(10)])
+    assert cfg.img_size == 32 and cfg.patch_size == 4 and cfg.hflip == 0.0
+    raw = train.Digits('val', 8)                     # at 8 px: the cells themselves, x 255/16
+    assert raw.images.shape == (500, 3, 8, 8) and torch.equal(raw.images[:, 0], raw.images[:, 2])
+    assert raw.images.max() == 255 and raw.images.min() == 0
+    counts = torch.bincount(torch.tensor(train_set.targets), minlength=10)
+    assert counts.sum() == 1297 and counts.min() > 120
+    image, label = val_set[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == raw.targets[0]
