@@ -168,17 +168,40 @@ def per_seed(values, digits=1):
     return ' / '.join(f'{v:.{digits}f}' for v in values) or '–'
 
 
-def claim_rows(claims):
-    """[(claim, better arm, worse arm)] -> table rows with both data sets."""
-    rows = ['| claim | synthetic: better / worse arm | verdict | digits: better / worse arm | verdict |',
-            '|---|---|---|---|---|']
-    for text, better, worse in claims:
+# (tutorial, the claim, the arm that should win, the arm it should beat)
+CLAIMS = [
+    ('01', 'ConViT > DeiT, all the data', 'convit', 'deit'),
+    ('01', 'ConViT > DeiT, 10 % of the data (10x the epochs)', 'convit_f0.1', 'deit_f0.1'),
+    ('02', 'LFF (LocalViT) > MLP (DeiT)', 'localvit', 'deit'),
+    ('02', 'LFF 3x3 > LFF 1x1: the locality itself', 'localvit', 'localvit_k1'),
+    ('03', 'ViT_C > ViT_P, AdamW', 'vit_c_adamw', 'vit_p_adamw'),
+    ('03', 'ViT_C > ViT_P, SGD', 'vit_c_sgd', 'vit_p_sgd'),
+    ('04', 'cos + con raise accuracy: 12 blocks of width 64, no CutMix', 'deep_diverse', 'deep'),
+    ('04', 'cos + con + mix raise accuracy: 6 blocks of width 96, patch-grid CutMix on both',
+     'deit_diverse', 'deit_cutmix'),
+    ('05', 'the combination > DeiT', 'combo', 'deit'),
+    ('05', 'the combination > ConViT', 'combo', 'convit'),
+    ('05', 'the combination > LocalViT', 'combo', 'localvit'),
+]
+
+
+def claim_rows(tutorial=None):
+    """The claims (of one tutorial, or all) as table rows, both data sets side by side."""
+    rows = ['| tutorial | claim | synthetic shapes: winner vs loser | verdict | UCI digits: winner vs loser | verdict |',
+            '|---|---|---|---|---|---|']
+    for number, text, better, worse in CLAIMS:
+        if tutorial not in (None, number):
+            continue
         cells = []
         for data in DATA:
             b, w = seeds(better, data), seeds(worse, data)
             cells += [f'{cell(b)} vs {cell(w)}', verdict(b, w)]
-        rows.append(f'| {text} | ' + ' | '.join(cells) + ' |')
+        rows.append(f'| {number} | {text} | ' + ' | '.join(cells) + ' |')
     return rows
+
+
+def summary():
+    return '\n'.join(claim_rows())
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -207,14 +230,11 @@ def arms_table():
 
 
 def convit():
-    rows = claim_rows([('ConViT > DeiT, all the data', 'convit', 'deit'),
-                       ('ConViT > DeiT, 10 % of the data (10x the epochs)', 'convit_f0.1', 'deit_f0.1')])
-    return '\n'.join(rows)
+    return '\n'.join(claim_rows('01'))
 
 
 def localvit():
-    return '\n'.join(claim_rows([('LFF (LocalViT) > MLP (DeiT)', 'localvit', 'deit'),
-                                 ('LFF 3x3 > LFF 1x1: the locality itself', 'localvit', 'localvit_k1')]))
+    return '\n'.join(claim_rows('02'))
 
 
 def epochs_to(name, level):
@@ -223,8 +243,7 @@ def epochs_to(name, level):
 
 
 def stems():
-    rows = claim_rows([('ViT_C > ViT_P, AdamW', 'vit_c_adamw', 'vit_p_adamw'),
-                       ('ViT_C > ViT_P, SGD', 'vit_c_sgd', 'vit_p_sgd')])
+    rows = claim_rows('03')
     rows += ['', '| arm | epochs to 40 % (synthetic), seeds 0 / 1 / 2 | digits: epochs to 80 % |', '|---|---|---|']
     for arm in ('vit_p_adamw', 'vit_c_adamw', 'vit_p_sgd', 'vit_c_sgd'):
         lr = best_lr(arm)
@@ -262,9 +281,7 @@ def data_similarity(data='synthetic', images=32):
 
 
 def oversmoothing():
-    rows = claim_rows([('cos + con raise accuracy: 12 blocks of width 64, no CutMix', 'deep_diverse', 'deep'),
-                       ('cos + con + mix raise accuracy: 6 blocks of width 96, patch-grid CutMix on both',
-                        'deit_diverse', 'deit_cutmix')])
+    rows = claim_rows('04')
     rows += ['', '| arm (synthetic, seeds 0 / 1 / 2) | patch similarity: layer 0 | last layer | last - layer 0 |',
              '|---|---|---|---|']
     for arm in ('deep', 'deep_diverse', 'deit_cutmix', 'deit_diverse'):
@@ -317,9 +334,7 @@ def gate_reach(arm='convit'):
 
 
 def combined():
-    return '\n'.join(claim_rows([('the combination > DeiT', 'combo', 'deit'),
-                                 ('the combination > ConViT', 'combo', 'convit'),
-                                 ('the combination > LocalViT', 'combo', 'localvit')]))
+    return '\n'.join(claim_rows('05'))
 
 
 def finetune():
@@ -332,7 +347,8 @@ def finetune():
                       f'- fine-tuning beats training from scratch: {verdict(tuned, scratch)}'])
 
 
-TABLES = [('Rate sweeps (seed 100, not reported)', sweeps), ('Every arm at its chosen rate', arms_table),
+TABLES = [('Every claim', summary), ('Rate sweeps (seed 100, not reported)', sweeps),
+          ('Every arm at its chosen rate', arms_table),
           ('01 ConViT', convit), ('01 ConViT: gates after training', gates), ('02 LocalViT', localvit),
           ('03 Early convolutions', stems), ('04 Over-smoothing', oversmoothing), ('05 Combining', combined),
           ('06 Fine-tuning', finetune)]
