@@ -205,3 +205,26 @@ def test_each_tutorial_has_a_picture_official_code_and_exercises(path):
     exercises = text.split('## Exercises', 1)
     assert len(exercises) == 2 and exercises[1].count('<summary>Answer</summary>') >= 2, (
         'no "## Exercises" section with at least two answers')
+
+
+def test_every_quoted_result_is_recomputed_from_the_shipped_logs():
+    """Every "mean ± std" that README.md and the tutorials quote is printed by tutorials/results.py
+    from tutorials/logs/, and so is every per-seed triple "a / b / c"."""
+    printed = subprocess.run([sys.executable, os.path.join(ROOT, 'tutorials', 'results.py')], check=True,
+                             capture_output=True, text=True).stdout
+    for path in DOCS:
+        text = open(path).read()
+        quoted = re.findall(r'\d+\.\d ± \d+\.\d', text) + re.findall(r'\d+\.\d / \d+\.\d / \d+\.\d', text)
+        missing = sorted({q for q in quoted if q not in printed})
+        assert not missing, f'{os.path.basename(path)} quotes {missing}, which tutorials/results.py does not print'
+
+
+def test_the_verdict_rule():
+    sys.path.insert(0, os.path.join(ROOT, 'tutorials'))
+    from results import verdict
+    assert verdict([50, 51, 52], [40, 41, 49.5]) == '**holds**'             # every seed beats every seed, gap 7
+    assert verdict([50, 51, 52], [49.6, 49.8, 49.9]) == '**holds**'        # gap 1.2
+    assert verdict([50, 50.5, 50.9], [49.6, 49.8, 49.9]) == '**within noise**'  # all beat, gap 0.7 < 1 point
+    assert verdict([50, 60, 70], [55, 40, 41]) == '**within noise**'       # a seed of the winner loses
+    assert verdict([40, 41, 42], [50, 51, 52]) == '**does not hold**'
+    assert verdict([50, 51], [40, 41, 42]) == 'not yet measured'
