@@ -2,11 +2,11 @@
 # The tutorials' experiments: every training run whose results README.md and the tutorials show.
 # The arms, their learning-rate sweeps and the protocol are defined once, in tutorials/results.py:
 # each arm's sweep on seed 100 (never reported), then its chosen rate on seeds 0, 1, 2 on the
-# synthetic shapes and on the UCI digits, then tutorial 06's fine-tuning runs. One CPU thread per
-# run, two runs at a time; a finished run (its log in tutorials/logs/) is skipped, so the script
-# can be stopped and rerun. The checkpoints stay in runs/tutorials/<run>/ (tutorials/figures.sh
+# synthetic shapes and on the UCI digits, then tutorial 06's fine-tuning runs and tutorial 01's
+# 4x longer ConViT run. One CPU thread per run, two runs at a time; a finished run (its log in
+# tutorials/logs/) is skipped, so the script can be stopped and rerun. The checkpoints stay in runs/tutorials/<run>/ (tutorials/figures.sh
 # analyses them); each finished run's log.jsonl is copied to tutorials/logs/<run>.jsonl.
-# Usage: bash tutorials/experiments.sh [GROUP]   groups: models fractions stems oversmoothing combined finetune
+# Usage: bash tutorials/experiments.sh [GROUP]   groups: models fractions stems oversmoothing combined finetune long
 #        python tutorials/results.py             # the tables, from tutorials/logs/
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,7 @@ export OUT
 
 # group by group (the claims complete one after another); in each, rounds run what is ready
 # (the sweeps first, an arm's seeds once its sweep is complete)
-for group in ${1:-models stems oversmoothing combined fractions finetune}; do
+for group in ${1:-models stems oversmoothing combined fractions finetune long}; do
   last=
   while true; do
     todo=$(python tutorials/results.py --runs "$group")

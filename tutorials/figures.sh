@@ -22,6 +22,7 @@ python evaluate.py --arch convit_t --depth 6 --local-up-to-layer 5 --embed-dim 9
 cp "$RUNS/analysis-convit-init/kernels.png" "$FIG/convit_kernels_init.png"
 lr=$(best convit)
 for seed in 0 1 2; do analyze "convit_synthetic_lr${lr}_s$seed"; done
+analyze "convit_long_synthetic_lr${lr}_s0"                  # the 4x longer run
 cp "$RUNS/analysis-convit_synthetic_lr${lr}_s0/kernels.png" "$FIG/convit_kernels_trained.png"
 cp "$RUNS/analysis-convit_synthetic_lr${lr}_s0/layers.png" "$FIG/convit_layers_trained.png"
 cp "$RUNS/analysis-convit_synthetic_lr${lr}_s0/attention.png" "$FIG/convit_attention_trained.png"

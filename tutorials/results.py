@@ -31,6 +31,7 @@ DEEP = '--arch deit_t --depth 12 --embed-dim 64 --num-heads 2 --warmup-epochs 2 
 VITP = '--arch vit_p_1gf --depth 6'                                         # pycls's recipe
 VITC = '--arch vit_c_1gf --depth 5 --stem-channels 12,24,48,96 --stem-strides 2,2,1,1'
 SGD = '--opt sgd --weight-decay 5e-5'
+LONG = '--epochs 60'            # tutorial 01: ConViT 4x longer, seed 0 only: do the gates then fall with depth?
 # arm: (group, train.py flags, the learning rates its sweep tries, per 512 images)
 ARMS = {
     'deit': ('models', DEIT6, ADAMW),
@@ -132,6 +133,8 @@ def runs(group=None):
             name = run_name(arm, data, lr, seed)
             if final(name) is None:
                 todo.append((name, f'{COMMON} {DATA[data]} {flags} --lr {lr} --seed {seed}'))
+    if group in (None, 'long') and best_lr('convit') and final(long_run()) is None:
+        todo.append((long_run(), f'{COMMON} {DATA["synthetic"]} {CONVIT6} --lr {best_lr("convit")} --seed 0 {LONG}'))
     if group in (None, 'finetune') and best_lr('deit'):
         lr = best_lr('deit')
         for s in SEEDS:                     # DeiT trained on the shapes, then on the digits
@@ -295,28 +298,38 @@ def oversmoothing():
     return '\n'.join(rows)
 
 
+def long_run():
+    return run_name('convit', 'synthetic', best_lr('convit'), 0).replace('convit_', 'convit_long_', 1)
+
+
 def gates():
     lr = best_lr('convit')
     runs_ = [a for a in (analysis(run_name('convit', 'synthetic', lr, s)) for s in SEEDS) if a]
     if not runs_:
         return 'not yet analysed (bash tutorials/figures.sh)'
-    rows = [f'{gate_reach()}\n', '| block | gate σ(λ), mean over heads (seeds 0 / 1 / 2) | nonlocality, patches |',
-            '|---|---|---|']
+    long = analysis(long_run())
+    rows = [f'15 epochs: {gate_reach()}', f'60 epochs: {gate_reach(LONG)}\n',
+            '| block | gate σ(λ), mean over heads (seeds 0 / 1 / 2) | nonlocality, patches | 60 epochs, seed 0: '
+            'gate | nonlocality |', '|---|---|---|---|---|']
     for i, block in enumerate(runs_[0]['blocks']):
-        gates_ = [statistics.mean(a['gating'][i]) for a in runs_ if a['gating'][i]]
-        far = [a['nonlocality_mean'][i] for a in runs_ if a['nonlocality_mean'][i] is not None]
-        rows.append(f'| {block} ({runs_[0]["attention"][i]}) | {per_seed(gates_, 2)} | {per_seed(far, 2)} |')
+        gates_ = [statistics.mean(a['gating'][i]) for a in runs_ + [long] if a and a['gating'][i]]
+        far = [a['nonlocality_mean'][i] for a in runs_ + [long] if a and a['nonlocality_mean'][i] is not None]
+        cut = len(runs_)
+        rows.append(f'| {block} ({runs_[0]["attention"][i]}) | {per_seed(gates_[:cut], 2)} | {per_seed(far[:cut], 2)} '
+                    f'| {per_seed(gates_[cut:], 2)} | {per_seed(far[cut:], 2)} |')
+    top1 = final(long_run())
+    rows.append(f'\n60 epochs, seed 0: top-1 {top1:.1f} %' if top1 is not None else '')
     return '\n'.join(rows)
 
 
-def lr_budget(arm, data='synthetic'):
+def lr_budget(arm, extra='', data='synthetic'):
     """The sum of the learning rate over a run's optimizer steps (its schedule, as train.py steps it):
     Adam moves a parameter by about the rate each step, so this bounds how far one can travel."""
     sys.path.insert(0, os.path.dirname(HERE))
     import shlex
     import train
     lr = best_lr(arm)
-    flags = f'{COMMON} {DATA[data]} {ARMS[arm][1]} --lr {lr}'
+    flags = f'{COMMON} {DATA[data]} {ARMS[arm][1]} --lr {lr} {extra}'
     cfg = train.parse_config(shlex.split(flags))
     images = 2500 if data == 'synthetic' else 1297
     steps = int(images * cfg.data_fraction) // cfg.batch_size
@@ -328,9 +341,9 @@ def lr_budget(arm, data='synthetic'):
     return total
 
 
-def gate_reach(arm='convit'):
+def gate_reach(extra='', arm='convit'):
     """sigmoid(1 +- the summed rate): the farthest a gate starting at sigmoid(1) can move."""
-    budget = lr_budget(arm)
+    budget = lr_budget(arm, extra)
     return (f'summed learning rate {budget:.3f}: a gate starting at σ(1) = 0.731 can reach '
             f'{1 / (1 + math.exp(-(1 - budget))):.3f} to {1 / (1 + math.exp(-(1 + budget))):.3f}')
 
