@@ -4,8 +4,9 @@
 # each arm's sweep on seed 100 (never reported), then its chosen rate on seeds 0, 1, 2 on the
 # synthetic shapes and on the UCI digits, then tutorial 06's fine-tuning runs and tutorial 01's
 # 4x longer ConViT run. One CPU thread per run, two runs at a time; a finished run (its log in
-# tutorials/logs/) is skipped, so the script can be stopped and rerun. The checkpoints stay in runs/tutorials/<run>/ (tutorials/figures.sh
-# analyses them); each finished run's log.jsonl is copied to tutorials/logs/<run>.jsonl.
+# tutorials/logs/) is skipped, so the script can be stopped and rerun. The checkpoints stay in
+# runs/tutorials/<run>/ (tutorials/figures.sh analyses them); each finished run's log.jsonl is
+# copied to tutorials/logs/<run>.jsonl.
 # Usage: bash tutorials/experiments.sh [GROUP]   groups: models fractions stems oversmoothing combined finetune long
 #        python tutorials/results.py             # the tables, from tutorials/logs/
 set -euo pipefail

@@ -6,12 +6,13 @@
 
 Protocol. Each arm (a model and its settings) first runs a learning-rate sweep on a selection seed
 (SELECT = 100) that is never reported (extended past an end of its range while the best is there);
-its best rate (the final-epoch validation top-1 on the synthetic data) is then run with the reported seeds 0, 1, 2, on the synthetic data and on the UCI digits (which
-uses the rate chosen on the synthetic data: no digits run chooses anything). A claim's verdict:
-"holds" when every seed of one side beats every seed of the other AND the means differ by at least
-MARGIN points (3 against 3 all-beat-all has a one-sided p of 1/20 = 0.05 under exchangeability);
-"does not hold" the same in the other direction; "within noise" otherwise. Every run's log.jsonl is
-kept in tutorials/logs/<run>.jsonl, so a fresh clone recomputes every number here.
+its best rate (the final-epoch validation top-1 on the synthetic data) is then run with the reported
+seeds 0, 1, 2, on the synthetic data and on the UCI digits (which uses the rate chosen on the
+synthetic data: no digits run chooses anything). A claim's verdict: "holds" when every seed of one
+side beats every seed of the other AND the means differ by at least MARGIN points (3 against 3
+all-beat-all has a one-sided p of 1/20 = 0.05 under exchangeability); "does not hold" the same in the
+other direction; "within noise" otherwise. Every run's log.jsonl is kept in
+tutorials/logs/<run>.jsonl, so a fresh clone recomputes every number here.
 """
 import json
 import math
@@ -37,7 +38,8 @@ ARMS = {
     'deit': ('models', DEIT6, ADAMW),
     'convit': ('models', CONVIT6, ('2e-3', '4e-3', '8e-3')),
     'deit_f0.1': ('fractions', DEIT6 + ' --data-fraction 0.1 --scale-epochs --eval-every 10', ADAMW),
-    'convit_f0.1': ('fractions', CONVIT6 + ' --data-fraction 0.1 --scale-epochs --eval-every 10', ('2e-3', '4e-3', '8e-3')),
+    'convit_f0.1': ('fractions', CONVIT6 + ' --data-fraction 0.1 --scale-epochs --eval-every 10',
+                    ('2e-3', '4e-3', '8e-3')),
     'localvit': ('models', '--arch localvit_t --depth 6', ADAMW),
     'localvit_k1': ('models', '--arch localvit_t --depth 6 --lff-kernel 1', ADAMW),
     'vit_p_adamw': ('stems', VITP, ADAMW),
@@ -121,7 +123,8 @@ def seeds(arm, data='synthetic', key='val_top1'):
 
 def runs(group=None):
     """(name, flags) of every run not yet finished: the sweeps, then (once an arm's sweep is complete)
-    its reported seeds on both data sets, then the fine-tuning runs of tutorial 06."""
+    its reported seeds on both data sets, then tutorial 01's longer ConViT run and tutorial 06's
+    fine-tuning runs."""
     todo = []
     for arm, (arm_group, flags, _) in ARMS.items():
         if group not in (None, arm_group):
@@ -134,7 +137,8 @@ def runs(group=None):
             if final(name) is None:
                 todo.append((name, f'{COMMON} {DATA[data]} {flags} --lr {lr} --seed {seed}'))
     if group in (None, 'long') and best_lr('convit') and final(long_run()) is None:
-        todo.append((long_run(), f'{COMMON} {DATA["synthetic"]} {CONVIT6} --lr {best_lr("convit")} --seed 0 {LONG}'))
+        todo.append((long_run(), f'{COMMON} {DATA["synthetic"]} {CONVIT6} --lr {best_lr("convit")} '
+                                 f'--seed 0 {LONG}'))
     if group in (None, 'finetune') and best_lr('deit'):
         lr = best_lr('deit')
         for s in SEEDS:                     # DeiT trained on the shapes, then on the digits
@@ -190,8 +194,8 @@ CLAIMS = [
 
 def claim_rows(tutorial=None):
     """The claims (of one tutorial, or all) as table rows, both data sets side by side."""
-    rows = ['| tutorial | claim | synthetic shapes: winner vs loser | verdict | UCI digits: winner vs loser | verdict |',
-            '|---|---|---|---|---|---|']
+    rows = ['| tutorial | claim | synthetic shapes: winner vs loser | verdict | UCI digits: winner vs loser '
+            '| verdict |', '|---|---|---|---|---|---|']
     for number, text, better, worse in CLAIMS:
         if tutorial not in (None, number):
             continue
@@ -299,7 +303,7 @@ def oversmoothing():
 
 
 def long_run():
-    return run_name('convit', 'synthetic', best_lr('convit'), 0).replace('convit_', 'convit_long_', 1)
+    return run_name('convit_long', 'synthetic', best_lr('convit'), 0)
 
 
 def gates():
@@ -307,18 +311,20 @@ def gates():
     runs_ = [a for a in (analysis(run_name('convit', 'synthetic', lr, s)) for s in SEEDS) if a]
     if not runs_:
         return 'not yet analysed (bash tutorials/figures.sh)'
-    long = analysis(long_run())
+    long = [a for a in [analysis(long_run())] if a]
+
+    def cells(analyses, i):             # block i's gate (mean over heads) and nonlocality, per run
+        gate = [statistics.mean(a['gating'][i]) for a in analyses if a['gating'][i]]
+        far = [a['nonlocality_mean'][i] for a in analyses if a['nonlocality_mean'][i] is not None]
+        return f'{per_seed(gate, 2)} | {per_seed(far, 2)}'
+
     rows = [f'15 epochs: {gate_reach()}', f'60 epochs: {gate_reach(LONG)}\n',
             '| block | gate σ(λ), mean over heads (seeds 0 / 1 / 2) | nonlocality, patches | 60 epochs, seed 0: '
             'gate | nonlocality |', '|---|---|---|---|---|']
     for i, block in enumerate(runs_[0]['blocks']):
-        gates_ = [statistics.mean(a['gating'][i]) for a in runs_ + [long] if a and a['gating'][i]]
-        far = [a['nonlocality_mean'][i] for a in runs_ + [long] if a and a['nonlocality_mean'][i] is not None]
-        cut = len(runs_)
-        rows.append(f'| {block} ({runs_[0]["attention"][i]}) | {per_seed(gates_[:cut], 2)} | {per_seed(far[:cut], 2)} '
-                    f'| {per_seed(gates_[cut:], 2)} | {per_seed(far[cut:], 2)} |')
-    top1 = final(long_run())
-    rows.append(f'\n60 epochs, seed 0: top-1 {top1:.1f} %' if top1 is not None else '')
+        rows.append(f'| {block} ({runs_[0]["attention"][i]}) | {cells(runs_, i)} | {cells(long, i)} |')
+    if final(long_run()) is not None:
+        rows.append(f'\n60 epochs, seed 0: top-1 {final(long_run()):.1f} %')
     return '\n'.join(rows)
 
 
