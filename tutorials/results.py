@@ -21,6 +21,7 @@ import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))      # train.py, locvit.py, evaluate.py (imported where used)
 LOGS = os.path.join(HERE, 'logs')
 SELECT, SEEDS, MARGIN = 100, (0, 1, 2), 1.0
 COMMON = '--no-progress --workers 0 --batch-size 64 --epochs 15 --warmup-epochs 1 --embed-dim 96'
@@ -102,8 +103,8 @@ def rates(arm, extensions=2):
 
 def sweep(arm):
     """{lr: the selection seed's final top-1 on the synthetic data} (finished runs only)."""
-    return {lr: final(run_name(arm, 'synthetic', lr, SELECT)) for lr in rates(arm)
-            if final(run_name(arm, 'synthetic', lr, SELECT)) is not None}
+    got = {lr: final(run_name(arm, 'synthetic', lr, SELECT)) for lr in rates(arm)}
+    return {lr: top1 for lr, top1 in got.items() if top1 is not None}
 
 
 def best_lr(arm):
@@ -208,7 +209,15 @@ def claim_rows(tutorial=None):
 
 
 def summary():
-    return '\n'.join(claim_rows())
+    return '\n'.join(claim_rows()) + f'\n\n{budget()}'
+
+
+def budget():
+    """How many runs the logs hold and their training time (the logs' epoch_seconds, summed)."""
+    names = sorted(f[:-len('.jsonl')] for f in os.listdir(LOGS) if f.endswith('.jsonl'))
+    minutes = [sum(r.get('epoch_seconds', 0) for r in log(name)) / 60 for name in names]
+    return (f'{len(names)} runs, {min(minutes):.1f} to {max(minutes):.1f} minutes of training each, '
+            f'{sum(minutes):.0f} run-minutes in all (one CPU thread each)')
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -241,7 +250,7 @@ def convit():
 
 
 def localvit():
-    return '\n'.join(claim_rows('02'))
+    return '\n'.join(claim_rows('02') + speed_rows(('deit', 'localvit', 'localvit_k1')))
 
 
 def epochs_to(name, level):
@@ -249,14 +258,19 @@ def epochs_to(name, level):
     return next((r['epoch'] for r in log(name) if (r.get('val_top1') or 0) >= level), None)
 
 
-def stems():
-    rows = claim_rows('03')
-    rows += ['', '| arm | epochs to 40 % (synthetic), seeds 0 / 1 / 2 | digits: epochs to 80 % |', '|---|---|---|']
-    for arm in ('vit_p_adamw', 'vit_c_adamw', 'vit_p_sgd', 'vit_c_sgd'):
+def speed_rows(arms):
+    """Per arm at its chosen rate, the first epoch that reaches 40 % (synthetic) and 80 % (digits)."""
+    rows = ['', '| arm | epochs to 40 % (synthetic), seeds 0 / 1 / 2 | digits: epochs to 80 % |', '|---|---|---|']
+    for arm in arms:
         lr = best_lr(arm)
         speed = lambda data, level: ' / '.join(str(epochs_to(run_name(arm, data, lr, s), level) or 'never')
                                                for s in SEEDS) if lr else '–'
         rows.append(f'| {arm} | {speed("synthetic", 40)} | {speed("digits", 80)} |')
+    return rows
+
+
+def stems():
+    rows = claim_rows('03') + speed_rows(('vit_p_adamw', 'vit_c_adamw', 'vit_p_sgd', 'vit_c_sgd'))
     drop = {}
     for stem in 'pc':
         adamw, sgd = seeds(f'vit_{stem}_adamw'), seeds(f'vit_{stem}_sgd')
@@ -275,7 +289,6 @@ def analysis(name):
 def data_similarity(data='synthetic', images=32):
     """The mean pairwise |cosine| of the raw (normalised) 4x4 pixel patches of validation images, the
     level the data alone gives layer 0 before any learned weight."""
-    sys.path.insert(0, os.path.dirname(HERE))
     import torch
     import locvit
     import train
@@ -325,13 +338,17 @@ def gates():
         rows.append(f'| {block} ({runs_[0]["attention"][i]}) | {cells(runs_, i)} | {cells(long, i)} |')
     if final(long_run()) is not None:
         rows.append(f'\n60 epochs, seed 0: top-1 {final(long_run()):.1f} %')
+    if long:                            # every head: where its gate ended, and how far λ moved from 1
+        heads = [g for block in long[0]['gating'] if block for g in block]
+        moved = max(abs(math.log(g / (1 - g)) - 1) for g in heads)
+        rows.append(f'60 epochs, seed 0, every GPSA head: gate {min(heads):.3f} to {max(heads):.3f}; '
+                    f'the largest |λ - 1| {moved:.3f}')
     return '\n'.join(rows)
 
 
 def lr_budget(arm, extra='', data='synthetic'):
     """The sum of the learning rate over a run's optimizer steps (its schedule, as train.py steps it):
     Adam moves a parameter by about the rate each step, so this bounds how far one can travel."""
-    sys.path.insert(0, os.path.dirname(HERE))
     import shlex
     import train
     lr = best_lr(arm)
@@ -379,7 +396,6 @@ TABLES = [('Every claim', summary), ('Rate sweeps (seed 100, not reported)', swe
 
 def curves_figure(arms, data='synthetic', title=''):
     """Validation top-1 per epoch: the mean of the reported seeds, their range shaded."""
-    sys.path.insert(0, os.path.dirname(HERE))
     import evaluate
     fig = evaluate.figure(8, 4.5, title)
     ax = fig.add_subplot()
@@ -404,7 +420,6 @@ def curves_figure(arms, data='synthetic', title=''):
 
 
 def figures():
-    sys.path.insert(0, os.path.dirname(HERE))
     import evaluate
     out = os.path.join(HERE, 'figures')
     for filename, arms, title in [
